@@ -8,6 +8,7 @@ from helpers import assert_error_earned
 import lori_kernels
 from lori_kernels import block_sparse as bs
 from lori_kernels import rng
+from lori_kernels.saved_memory import saved_bytes
 
 
 def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, seed=0, device="cpu"):
@@ -187,23 +188,6 @@ def test_all_blocks_dropped_is_the_base_linear():
     y.sum().backward()
 
 
-def saved_activation_bytes(fn, *frozen):
-    """Bytes saved for backward by ``fn()`` beyond the storages of ``frozen`` tensors
-    (weights, B, block indices): what the layer keeps per token."""
-    ignore = {t.untyped_storage().data_ptr() for t in frozen if t is not None}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in ignore:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saves_only_h_for_backward(dropout_p, dtype):
@@ -214,10 +198,8 @@ def test_saves_only_h_for_backward(dropout_p, dtype):
     x = torch.randn(m, inp, dtype=dtype, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
     frozen = (layer["weight"], layer["bias"], b_values, layer["b_blocks"])
-    base = saved_activation_bytes(lambda: F.linear(x, layer["weight"], layer["bias"]), *frozen)
-    ours = saved_activation_bytes(
-        lambda: run(dict(layer, b_values=b_values), x, r, block, dropout_p=dropout_p), *frozen
-    )
+    base = saved_bytes(lambda: F.linear(x, layer["weight"], layer["bias"]), frozen)
+    ours = saved_bytes(lambda: run(dict(layer, b_values=b_values), x, r, block, dropout_p=dropout_p), frozen)
     assert ours == base + m * r * x.element_size()
 
 
