@@ -1,13 +1,18 @@
 """Which implementation runs an op, and saying so.
 
-``available_backends()`` lists the backends of ``lori_linear`` that can run here;
-``resolve`` turns ``backend="auto"`` into the fastest of those for a device and logs the
-choice (and why a faster one is off) once per op, device type and backend.
+``available_backends()`` lists the backends of an op that can run on this machine;
+``resolve`` turns ``backend="auto"`` into the fastest of those for a device and dtype
+and logs the choice, with why each faster backend is off, once per case.
+
+Triton runs on CUDA devices; with ``TRITON_INTERPRET=1`` it also runs CPU tensors in
+its interpreter (for tests: it is slow), which ``"auto"`` never picks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 import torch
 
@@ -15,57 +20,82 @@ from lori_kernels import _extension
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "available_backends", "resolve"]
+__all__ = ["BACKENDS", "available_backends", "resolve", "unavailable_reason"]
 
-# Every backend name the project knows, fastest first within a device type.
+# Every backend name the project knows, fastest first.
 BACKENDS = ("cuda_ext", "triton", "cpu_ext", "reference")
 
 # The backends that implement each op; the rest arrive with their kernels.
 _IMPLEMENTED = {
-    "lori_linear": ("reference",),
-    "generate_a": ("cuda_ext", "cpu_ext", "reference"),
+    "lori_linear": ("triton", "reference"),
+    "generate_a": ("cuda_ext", "triton", "cpu_ext", "reference"),
 }
-_DEVICE_TYPES = {"cuda_ext": ("cuda",), "cpu_ext": ("cpu",), "triton": ("cuda",)}
-_announced: set[tuple[str, str, str]] = set()
+_EXTENSION_DEVICE = {"cuda_ext": "cuda", "cpu_ext": "cpu"}
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_announced: set[tuple] = set()
 
 
-def _runs(backend: str, op: str, device_type: str) -> bool:
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, op: str, device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` (and ``dtype``); None if it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}"
     if backend not in _IMPLEMENTED[op]:
-        return False
+        return f"backend {backend!r} does not implement {op} yet (it has {list(_IMPLEMENTED[op])})"
     if backend == "reference":
-        return True
-    if device_type not in _DEVICE_TYPES[backend]:
-        return False
-    return _extension.has_kernel(op, device_type)
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreting()):
+            return f"Triton runs on CUDA devices (or on the CPU with TRITON_INTERPRET=1), not {device_type}"
+        if dtype is not None and dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels take float16, bfloat16 or float32, not {dtype}"
+        return None
+    if device_type != _EXTENSION_DEVICE[backend]:
+        return f"backend {backend!r} runs on {_EXTENSION_DEVICE[backend]}, not {device_type}"
+    error = _extension.load_error()
+    if error is not None:
+        return error
+    if not _extension.has_kernel(op, device_type):
+        return f"lori_kernels._C was built without {device_type} kernels; rebuild with CUDA_HOME set"
+    return None
 
 
 def available_backends(op: str = "lori_linear") -> list[str]:
     """Backends of ``op`` that can run on this machine (CPU, and CUDA when a GPU is
-    present), e.g. ``["cpu_ext", "reference"]``."""
+    present), fastest first, e.g. ``["triton", "reference"]``."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [b for b in BACKENDS if any(_runs(b, op, d) for d in device_types)]
+    return [b for b in BACKENDS if any(unavailable_reason(b, op, d) is None for d in device_types)]
 
 
-def resolve(backend: str, op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device``: ``backend`` itself if it can (else a
-    clear error), or the fastest that can when ``backend == "auto"``."""
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on ``device``: ``backend`` itself if it can (else an
+    error that says why), or the fastest that can when ``backend == "auto"``."""
     if backend != "auto":
+        reason = unavailable_reason(backend, op, device.type, dtype)
+        if reason is None:
+            return backend
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+            raise ValueError(reason)
         if backend not in _IMPLEMENTED[op]:
-            raise NotImplementedError(
-                f"backend {backend!r} does not implement {op} yet; it has "
-                f"{list(_IMPLEMENTED[op])}"
-            )
-        if backend != "reference" and device.type not in _DEVICE_TYPES[backend]:
-            raise ValueError(f"backend {backend!r} runs on {_DEVICE_TYPES[backend]}, not {device}")
-        if backend != "reference":
-            _extension.require(op, device.type)
-        return backend
-    chosen = next(b for b in BACKENDS if _runs(b, op, device.type))
-    key = (op, device.type, chosen)
+            raise NotImplementedError(reason)
+        raise RuntimeError(reason)
+    skipped = []
+    for candidate in BACKENDS:
+        reason = unavailable_reason(candidate, op, device.type, dtype)
+        if reason is None and candidate == "triton" and device.type == "cpu":
+            reason = "the Triton interpreter is for tests; ask for backend='triton' explicitly"
+        if reason is None:
+            break
+        if candidate in _IMPLEMENTED[op]:
+            skipped.append(f"{candidate}: {reason}")
+    key = (op, device.type, dtype, candidate)
     if key not in _announced:
         _announced.add(key)
-        why = "" if _extension.is_available() else f" ({_extension.load_error()})"
-        log.info("%s on %s runs on the %r backend%s", op, device.type, chosen, why)
-    return chosen
+        why = f" (faster ones are off: {'; '.join(skipped)})" if skipped else ""
+        log.info("%s on %s runs on the %r backend%s", op, device.type, candidate, why)
+    return candidate

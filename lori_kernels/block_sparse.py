@@ -157,7 +157,7 @@ def blocks_from_mask(mask: torch.Tensor, block) -> torch.Tensor:
             f"({int(count[i, j])} of {int(full[i, j])} elements); element-wise masks need "
             "block (1, 1)"
         )
-    return (count > 0).nonzero().to(torch.int32)
+    return (count > 0).nonzero().to(torch.int32).contiguous()
 
 
 def mask_from_blocks(b_blocks: torch.Tensor, out_features: int, r: int, block) -> torch.Tensor:

@@ -10,8 +10,15 @@ from lori_kernels.reference import lori_linear_ref
 
 __all__ = ["generate_a", "lori_linear"]
 
-# lori_linear's implementation per backend name (backends.py says which can run where).
-_LORI_LINEAR = {"reference": lori_linear_ref}
+
+def _lori_linear_backend(name: str):
+    """lori_linear's implementation for a backend name (backends.py says which run where);
+    the Triton kernels are imported (and defined) on first use."""
+    if name == "triton":
+        from lori_kernels.triton_kernels.layer import lori_linear_triton
+
+        return lori_linear_triton
+    return lori_linear_ref
 
 
 def generate_a(
@@ -37,6 +44,10 @@ def generate_a(
     chosen = backends.resolve(backend, "generate_a", device)
     if chosen == "reference":
         a = rng.generate_a_tile(seed, d_in, 0, r, 0, d_in, dist=dist, device=device)
+    elif chosen == "triton":
+        from lori_kernels.triton_kernels.philox import generate_a_tile
+
+        a = generate_a_tile(seed, d_in, 0, r, 0, d_in, dist=dist, device=device)
     else:
         seed_t = torch.tensor(rng.to_int64(seed), dtype=torch.int64, device=device)
         a = torch.ops.lori.generate_a(seed_t, d_in, 0, r, 0, d_in, dist)
@@ -72,5 +83,5 @@ def lori_linear(
         x, weight, bias, seed, b_values, b_blocks, r=r, block=block, scaling=scaling,
         dist=dist, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
-    chosen = backends.resolve(backend, "lori_linear", x.device)
-    return _LORI_LINEAR[chosen](x, weight, bias, b_values, b_blocks, spec)
+    chosen = backends.resolve(backend, "lori_linear", x.device, x.dtype)
+    return _lori_linear_backend(chosen)(x, weight, bias, b_values, b_blocks, spec)

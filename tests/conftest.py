@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lori_kernels import _extension
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. It must be switched on
+# before the kernels are defined (lori_kernels imports them on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lori_kernels import _extension  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

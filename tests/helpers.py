@@ -2,6 +2,9 @@
 
 import torch
 
+import lori_kernels
+from lori_kernels import block_sparse as bs
+
 
 def devices():
     """CPU, plus CUDA when a GPU is present: for parametrizing device-generic tests."""
@@ -24,3 +27,27 @@ def assert_error_earned(got: torch.Tensor, same_precision: torch.Tensor, truth: 
     base = (same_precision.double() - truth).abs().max().item() if truth.numel() else 0.0
     ulps = 4 * torch.finfo(got.dtype).eps * (truth.abs().max().item() if truth.numel() else 0.0)
     assert err <= factor * base + ulps, f"error {err:.3g} > {factor} x torch's {base:.3g} (+{ulps:.3g})"
+
+
+def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, seed=0, device="cpu"):
+    """A frozen base linear and a compact B that keeps a random fraction of its blocks."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inp, generator=g) / inp**0.5
+    b = torch.randn(out, generator=g) if bias else None
+    n_rows, n_cols = bs.block_grid(out, r, block)
+    kept = torch.rand(n_rows, n_cols, generator=g) < keep
+    mask = kept.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out]
+    b_dense = torch.randn(out, r, generator=g) * mask
+    b_values, b_blocks = bs.from_dense(b_dense, block, mask)
+    to = dict(dtype=dtype, device=device)
+    return dict(
+        weight=weight.to(**to), bias=None if b is None else b.to(**to), b_values=b_values.to(**to),
+        b_blocks=b_blocks.to(device), b_dense=b_dense.to(**to), seed=2**64 - 7 - seed,
+    )
+
+
+def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, **kw):
+    return lori_kernels.lori_linear(
+        x, layer["weight"], layer["bias"], layer["seed"], layer["b_values"], layer["b_blocks"],
+        r=r, block=block, scaling=scaling, dropout_p=dropout_p, dropout_seed=dropout_seed, **kw,
+    )

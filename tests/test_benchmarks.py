@@ -5,17 +5,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_bench_generate_a_quick(ext, tmp_path):
+def run_quick(script: str, results: Path) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_generate_a.py"), "--quick", "--results", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--results", str(results)],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
-    rows = list(csv.DictReader((tmp_path / "generate_a_cpu.csv").open()))
-    assert len(rows) == 2
+    (csv_path,) = results.glob("*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
     for row in rows:
-        assert row["device"] and row["torch"] and row["commit"] and float(row["speedup"]) > 0
+        assert row["device"] and row["torch"] and row["commit"] and row["date"]
+    return rows
+
+
+def test_bench_generate_a_quick(ext, tmp_path):
+    rows = run_quick("bench_generate_a.py", tmp_path)
+    assert len(rows) == 2 and all(float(row["speedup"]) > 0 for row in rows)
+
+
+def test_bench_layer_quick(tmp_path):
+    rows = run_quick("bench_layer.py", tmp_path)
+    assert {"base", "peft_lora", "reference"} <= {row["impl"] for row in rows}
+    assert all(float(row["ratio_to_base"]) > 0 for row in rows)

@@ -109,5 +109,5 @@ def test_missing_extension_gives_one_clear_sentence(monkeypatch):
     monkeypatch.setattr(_extension, "load_error", lambda: _extension.BUILD_HINT)
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
         lori_kernels.generate_a(1, 2, 3, backend="cpu_ext")
-    assert lori_kernels.available_backends("generate_a") == ["reference"]
+    assert "cpu_ext" not in lori_kernels.available_backends("generate_a")
     assert_bitwise_equal(lori_kernels.generate_a(1, 2, 3), rng.generate_a_tile(1, 3, 0, 2, 0, 3))

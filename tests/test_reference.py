@@ -3,36 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_error_earned
+from helpers import assert_error_earned, make_layer, run
 
 import lori_kernels
 from lori_kernels import block_sparse as bs
 from lori_kernels import rng
 from lori_kernels.saved_memory import saved_bytes
-
-
-def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, seed=0, device="cpu"):
-    """A frozen base linear and a compact B that keeps a random fraction of its blocks."""
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out, inp, generator=g) / inp**0.5
-    b = torch.randn(out, generator=g) if bias else None
-    n_rows, n_cols = bs.block_grid(out, r, block)
-    kept = torch.rand(n_rows, n_cols, generator=g) < keep
-    mask = kept.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out]
-    b_dense = torch.randn(out, r, generator=g) * mask
-    b_values, b_blocks = bs.from_dense(b_dense, block, mask)
-    to = dict(dtype=dtype, device=device)
-    return dict(
-        weight=weight.to(**to), bias=None if b is None else b.to(**to), b_values=b_values.to(**to),
-        b_blocks=b_blocks.to(device), b_dense=b_dense.to(**to), seed=2**64 - 7 - seed,
-    )
-
-
-def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, **kw):
-    return lori_kernels.lori_linear(
-        x, layer["weight"], layer["bias"], layer["seed"], layer["b_values"], layer["b_blocks"],
-        r=r, block=block, scaling=scaling, dropout_p=dropout_p, dropout_seed=dropout_seed, **kw,
-    )
 
 
 def dense_lora(layer, x, r, scaling=2.0, dropout_p=0.0, dropout_seed=11):
@@ -241,7 +217,7 @@ def bad(**changes):
         (bad(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (bad(scaling=float("nan")), ValueError, "scaling must be a finite number"),
         (bad(seed=2**64), ValueError, "outside"),
-        (bad(backend="triton"), NotImplementedError, "does not implement lori_linear yet"),
+        (bad(backend="cpu_ext"), NotImplementedError, "does not implement lori_linear yet"),
         (bad(backend="nope"), ValueError, "unknown backend"),
     ],
 )

@@ -1,0 +1,131 @@
+"""The B side of the LoRI layer, touching only B's kept blocks:
+
+    forward   y += s * h @ B.T     [M, out]  expand_ (in place, into the base output)
+    backward  g  = s * dy @ B      [M, r]    expand_backward
+
+B is ``b_values`` [nnz, bo, br] at ``b_blocks`` [nnz, 2] (sorted by block row). The
+forward walks each block row's kept blocks (CSR ``row_ptr``); the backward walks each
+block column's (CSC ``col_ptr`` / ``col_order``). Rows past ``out`` in a partial last
+block row are masked: their ``b_values`` are never read into a result.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lori_kernels.triton_kernels.tuning import configs, dot_precision, tile
+
+
+class BlockIndex(NamedTuple):
+    """Where the kept blocks of each block row and block column are."""
+
+    row_ptr: torch.Tensor  # int32 [n_rows + 1]: blocks row_ptr[i]:row_ptr[i+1] are in row i
+    col_ptr: torch.Tensor  # int32 [n_cols + 1]: col_order[col_ptr[j]:col_ptr[j+1]] in column j
+    col_order: torch.Tensor  # int32 [nnz]
+
+
+def block_index(b_blocks: torch.Tensor, n_rows: int, n_cols: int) -> BlockIndex:
+    """The CSR/CSC view of sorted ``b_blocks`` (computed on its device, no sync)."""
+    rows, cols = b_blocks[:, 0].long(), b_blocks[:, 1].long()
+    zero = torch.zeros(1, dtype=torch.int64, device=b_blocks.device)
+    row_ptr = torch.cat([zero, torch.bincount(rows, minlength=n_rows).cumsum(0)])
+    col_ptr = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)])
+    col_order = torch.argsort(cols * n_rows + rows)
+    return BlockIndex(row_ptr.int(), col_ptr.int(), col_order.int())
+
+
+def _configs():
+    return configs(
+        [dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
+        interpreter=dict(BLOCK_M=16),
+    )
+
+
+@triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@triton.jit
+def _expand_kernel(h_ptr, bv_ptr, bb_ptr, row_ptr, y_ptr, M, N, R, stride_ym, stride_yn, scaling,
+                   BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr, BR_PAD: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    i = tl.program_id(1)
+    start = tl.load(row_ptr + i)
+    end = tl.load(row_ptr + i + 1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = tl.arange(0, BO_PAD)
+    rc = tl.arange(0, BR_PAD)
+    acc = tl.zeros([BLOCK_M, BO_PAD], dtype=tl.float32)
+    for t in range(start, end):
+        j = tl.load(bb_ptr + 2 * t + 1)
+        hb = tl.load(h_ptr + rm[:, None] * R + (j * BR + rc)[None, :],
+                     mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0)
+        b = tl.load(bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
+                    mask=(ro[:, None] < BO) & (rc[None, :] < BR), other=0.0)
+        acc = tl.dot(hb, tl.trans(b), acc, input_precision=PRECISION)
+    if end > start:
+        cols = i * BO + ro
+        mask = (rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :]
+        ptrs = y_ptr + rm[:, None] * stride_ym + cols[None, :] * stride_yn
+        y = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@triton.jit
+def _expand_backward_kernel(dy_ptr, bv_ptr, bb_ptr, col_ptr, col_order, g_ptr, M, N, R,
+                            stride_dm, stride_dn, scaling,
+                            BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr,
+                            BR_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    j = tl.program_id(1)
+    start = tl.load(col_ptr + j)
+    end = tl.load(col_ptr + j + 1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = tl.arange(0, BO_PAD)
+    rc = tl.arange(0, BR_PAD)
+    acc = tl.zeros([BLOCK_M, BR_PAD], dtype=tl.float32)
+    for t in range(start, end):
+        k = tl.load(col_order + t)
+        cols = tl.load(bb_ptr + 2 * k) * BO + ro
+        dyb = tl.load(dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+                      mask=(rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :], other=0.0)
+        b = tl.load(bv_ptr + k * BO * BR + ro[:, None] * BR + rc[None, :],
+                    mask=(ro[:, None] < BO) & (rc[None, :] < BR), other=0.0)
+        acc = tl.dot(dyb, b, acc, input_precision=PRECISION)
+    tl.store(g_ptr + rm[:, None] * R + (j * BR + rc)[None, :], (scaling * acc).to(g_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rc[None, :] < BR))
+
+
+def expand_(y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor,
+            index: BlockIndex, scaling: float) -> torch.Tensor:
+    """``y += scaling * h @ B.T`` in place over B's kept blocks; ``y`` [M, out],
+    contiguous ``h`` [M, r]."""
+    m, n = y.shape
+    bo, br = b_values.shape[1:]
+    n_rows = index.row_ptr.shape[0] - 1
+    if m == 0 or b_values.shape[0] == 0:
+        return y
+    _expand_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_rows)](
+        h, b_values, b_blocks, index.row_ptr, y, m, n, h.shape[1], y.stride(0), y.stride(1), scaling,
+        BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(y.dtype),
+    )
+    return y
+
+
+def expand_backward(dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor,
+                    index: BlockIndex, r: int, scaling: float) -> torch.Tensor:
+    """``g = scaling * dy @ B`` ``[M, r]`` over B's kept blocks, in dy's dtype."""
+    m, n = dy.shape
+    bo, br = b_values.shape[1:]
+    n_cols = index.col_ptr.shape[0] - 1
+    g = torch.empty(m, r, dtype=dy.dtype, device=dy.device)
+    if m == 0:
+        return g
+    _expand_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_cols)](
+        dy, b_values, b_blocks, index.col_ptr, index.col_order, g, m, n, r, dy.stride(0), dy.stride(1),
+        scaling, BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(dy.dtype),
+    )
+    return g

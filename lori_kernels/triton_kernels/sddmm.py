@@ -1,0 +1,65 @@
+"""The gradient of B for its kept blocks only (a block-sparse SDDMM):
+
+    db_values[k] = s * dy[:, rows of block k].T @ h[:, columns of block k]    [bo, br]
+
+Each kept block reduces over all M tokens. With few kept blocks (high sparsity) that is
+too little parallelism, so M is split across programs and the fp32 partial sums are
+added by torch (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lori_kernels.triton_kernels.tuning import configs, dot_precision, processor_count, tile
+
+
+@triton.autotune(
+    configs=configs([dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]],
+                    interpreter=dict(BLOCK_M=16)),
+    key=["N", "R", "BO_PAD", "BR_PAD", "ROWS_PER_SPLIT"],
+)
+@triton.jit
+def _sddmm_kernel(dy_ptr, h_ptr, bb_ptr, out_ptr, M, N, R, NNZ, stride_dm, stride_dn, ROWS_PER_SPLIT,
+                  BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr, BR_PAD: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    k = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tl.load(bb_ptr + 2 * k) * BO + tl.arange(0, BO_PAD)
+    rc = tl.arange(0, BR_PAD)
+    hcols = tl.load(bb_ptr + 2 * k + 1) * BR + rc
+    ro = tl.arange(0, BO_PAD)
+    m_begin = split * ROWS_PER_SPLIT
+    m_end = tl.minimum(M, m_begin + ROWS_PER_SPLIT)
+    acc = tl.zeros([BO_PAD, BR_PAD], dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        dyb = tl.load(dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+                      mask=(rm[:, None] < m_end) & ((ro < BO) & (cols < N))[None, :], other=0.0)
+        hb = tl.load(h_ptr + rm[:, None] * R + hcols[None, :],
+                     mask=(rm[:, None] < m_end) & (rc[None, :] < BR), other=0.0)
+        acc = tl.dot(tl.trans(dyb), hb, acc, input_precision=PRECISION)
+    tl.store(out_ptr + ((split * NNZ + k) * BO + ro[:, None]) * BR + rc[None, :], acc,
+             mask=(ro[:, None] < BO) & (rc[None, :] < BR))
+
+
+def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, block: tuple[int, int],
+          scaling: float) -> torch.Tensor:
+    """``db_values`` ``[nnz, bo, br]`` = ``scaling * dy.T @ h`` at the kept blocks, in
+    dy's dtype; zero in the padded rows of a partial last block row."""
+    m, n = dy.shape
+    bo, br = block
+    nnz = b_blocks.shape[0]
+    if nnz == 0 or m == 0:
+        return torch.zeros(nnz, bo, br, dtype=dy.dtype, device=dy.device)
+    # Enough programs to fill the device twice over, each reducing at least 256 rows.
+    splits = max(1, min(triton.cdiv(2 * processor_count(dy.device), nnz), triton.cdiv(m, 256)))
+    rows_per_split = triton.cdiv(m, splits)
+    partial = torch.empty(splits, nnz, bo, br, dtype=torch.float32, device=dy.device)
+    _sddmm_kernel[(nnz, splits)](
+        dy, h, b_blocks, partial, m, n, h.shape[1], nnz, dy.stride(0), dy.stride(1), rows_per_split,
+        BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(dy.dtype),
+    )
+    return (partial.sum(0) * scaling).to(dy.dtype)

@@ -1,0 +1,43 @@
+"""Launch configurations shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def configs(options: list[dict], interpreter: dict) -> list[triton.Config]:
+    """Autotuning candidates (meta-parameters plus ``num_warps``). The interpreter gets the
+    one small ``interpreter`` config: it cannot benchmark and runs programs in Python."""
+    chosen = [dict(interpreter, num_warps=1)] if interpreting() else options
+    return [
+        triton.Config({k: v for k, v in o.items() if k != "num_warps"}, num_warps=o["num_warps"], num_stages=3)
+        for o in chosen
+    ]
+
+
+def tile(n: int) -> int:
+    """A tile side covering ``n`` (a rank or a block side): a power of two, at least 16
+    (the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in IEEE fp32 like torch's default matmul (not TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def processor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a small stand-in elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
