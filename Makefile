@@ -34,6 +34,7 @@ demo: install
 	$(VENV)/bin/lori demo
 
 bench: install
+	$(PY) benchmarks/bench_layer.py
 	$(PY) benchmarks/bench_generate_a.py
 
 clean:
