@@ -21,6 +21,19 @@ struct ATile {
   LORI_HD int64_t quads_per_row() const { return (cols + 3) / 4 + 1; }
 };
 
+inline Dist parse_dist(const char* op, std::string_view dist) {
+  TORCH_CHECK(dist == "uniform" || dist == "rademacher", op,
+              ": dist must be \"uniform\" or \"rademacher\", got \"", dist, "\"");
+  return dist == "uniform" ? Dist::kUniform : Dist::kRademacher;
+}
+
+// The tile of A [*, d_in] at (row0, col0), with PyTorch's kaiming bound float32(1/sqrt(d_in)).
+inline ATile make_a_tile(int64_t d_in, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                         Dist dist) {
+  const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_in)));
+  return ATile{d_in, row0, rows, col0, cols, dist, bound};
+}
+
 inline ATile check_generate_a_args(const at::Tensor& seed, int64_t d_in, int64_t row0,
                                    int64_t rows, int64_t col0, int64_t cols,
                                    std::string_view dist) {
@@ -32,12 +45,11 @@ inline ATile check_generate_a_args(const at::Tensor& seed, int64_t d_in, int64_t
               row0, " rows=", rows);
   TORCH_CHECK(col0 >= 0 && cols >= 0 && col0 + cols <= d_in,
               "generate_a: columns [", col0, ", ", col0 + cols, ") do not fit d_in=", d_in);
-  TORCH_CHECK(dist == "uniform" || dist == "rademacher",
-              "generate_a: dist must be \"uniform\" or \"rademacher\", got \"", dist, "\"");
-  const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d_in)));
-  return ATile{d_in, row0, rows, col0, cols,
-               dist == "uniform" ? Dist::kUniform : Dist::kRademacher, bound};
+  return make_a_tile(d_in, row0, rows, col0, cols, parse_dist("generate_a", dist));
 }
+
+// float32 tile of A on the CPU (generate_a_cpu.cpp), parallel over the tile.
+at::Tensor a_tile_cpu(uint64_t seed, const ATile& tile);
 
 // Writes the (up to four) elements of row `j` of the tile that quad number `qi` of that
 // row covers; `out` is the row-major float32 tile.

@@ -83,4 +83,21 @@ LORI_HD float word_to_a(uint32_t w, float bound, Dist dist) {
 // Dropout: element kept iff u >= float32(p), compared in float32.
 LORI_HD bool word_keeps(uint32_t w, float p32) { return word_to_uniform(w) >= p32; }
 
+// Calls f(c, word) for c in [0, count): the words of `stream` at flat indices start + c,
+// one Philox call per four consecutive indices.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable  // f may be device-only when called from device code
+#endif
+template <typename F>
+LORI_HD void for_each_word(uint64_t seed, uint32_t stream, uint64_t start, int64_t count, F&& f) {
+  uint64_t q = start / 4;
+  int lane = static_cast<int>(start % 4);
+  for (int64_t c = 0; c < count; ++q, lane = 0) {
+    const Words4 words = random_quad(seed, stream, q);
+    for (; lane < 4 && c < count; ++lane, ++c) {
+      f(c, words.w[lane]);
+    }
+  }
+}
+
 }  // namespace lori

@@ -8,7 +8,7 @@ import; the extension ``lori_kernels._C`` is loaded on first use.
 from lori_kernels import block_sparse, rng
 from lori_kernels._extension import is_available as extension_available
 from lori_kernels.backends import available_backends
-from lori_kernels.functional import generate_a, lori_linear
+from lori_kernels.functional import generate_a, layer_kernels, lori_linear
 from lori_kernels.rng import RNG_VERSION, layer_seed
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "block_sparse",
     "extension_available",
     "generate_a",
+    "layer_kernels",
     "layer_seed",
     "lori_linear",
     "rng",

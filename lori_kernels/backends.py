@@ -22,14 +22,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "available_backends", "resolve", "unavailable_reason"]
 
-# Every backend name the project knows, fastest first.
-BACKENDS = ("cuda_ext", "triton", "cpu_ext", "reference")
+# Every backend name the project knows, fastest first (on a GPU, Triton's tensor-core
+# kernels before the extension's CUDA-core ones).
+BACKENDS = ("triton", "cuda_ext", "cpu_ext", "reference")
 
-# The backends that implement each op; the rest arrive with their kernels.
-_IMPLEMENTED = {
-    "lori_linear": ("triton", "reference"),
-    "generate_a": ("cuda_ext", "triton", "cpu_ext", "reference"),
-}
+# The ops with backends, and the compiled op whose kernel tells whether the extension
+# covers it on a device.
+_EXTENSION_OP = {"lori_linear": "shrink", "generate_a": "generate_a"}
 _EXTENSION_DEVICE = {"cuda_ext": "cuda", "cpu_ext": "cpu"}
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _announced: set[tuple] = set()
@@ -43,8 +42,6 @@ def unavailable_reason(backend: str, op: str, device_type: str, dtype: torch.dty
     """Why ``backend`` cannot run ``op`` on ``device_type`` (and ``dtype``); None if it can."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}"
-    if backend not in _IMPLEMENTED[op]:
-        return f"backend {backend!r} does not implement {op} yet (it has {list(_IMPLEMENTED[op])})"
     if backend == "reference":
         return None
     if backend == "triton":
@@ -60,7 +57,7 @@ def unavailable_reason(backend: str, op: str, device_type: str, dtype: torch.dty
     error = _extension.load_error()
     if error is not None:
         return error
-    if not _extension.has_kernel(op, device_type):
+    if not _extension.has_kernel(_EXTENSION_OP[op], device_type):
         return f"lori_kernels._C was built without {device_type} kernels; rebuild with CUDA_HOME set"
     return None
 
@@ -72,6 +69,7 @@ def available_backends(op: str = "lori_linear") -> list[str]:
     return [b for b in BACKENDS if any(unavailable_reason(b, op, d) is None for d in device_types)]
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing
 def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on ``device``: ``backend`` itself if it can (else an
     error that says why), or the fastest that can when ``backend == "auto"``."""
@@ -79,11 +77,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | No
         reason = unavailable_reason(backend, op, device.type, dtype)
         if reason is None:
             return backend
-        if backend not in BACKENDS:
-            raise ValueError(reason)
-        if backend not in _IMPLEMENTED[op]:
-            raise NotImplementedError(reason)
-        raise RuntimeError(reason)
+        raise (ValueError if backend not in BACKENDS else RuntimeError)(reason)
     skipped = []
     for candidate in BACKENDS:
         reason = unavailable_reason(candidate, op, device.type, dtype)
@@ -91,7 +85,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | No
             reason = "the Triton interpreter is for tests; ask for backend='triton' explicitly"
         if reason is None:
             break
-        if candidate in _IMPLEMENTED[op]:
+        if _EXTENSION_DEVICE.get(candidate, device.type) == device.type:
             skipped.append(f"{candidate}: {reason}")
     key = (op, device.type, dtype, candidate)
     if key not in _announced:

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from lori_kernels import backends, rng
+from types import ModuleType
+
+from lori_kernels import _extension, backends, rng
+from lori_kernels.fused_layer import LayerKernels
 from lori_kernels.layer_spec import check_lori_linear_args
-from lori_kernels.reference import lori_linear_ref
 
-__all__ = ["generate_a", "lori_linear"]
+__all__ = ["generate_a", "layer_kernels", "lori_linear"]
 
 
-def _lori_linear_backend(name: str):
-    """lori_linear's implementation for a backend name (backends.py says which run where);
-    the Triton kernels are imported (and defined) on first use."""
+def _backend_module(name: str) -> ModuleType:
+    """The module of a backend, holding its ``KERNELS`` and its ``lori_linear``; the
+    Triton kernels are defined, and the extension's layer registered, on first use."""
     if name == "triton":
-        from lori_kernels.triton_kernels.layer import lori_linear_triton
+        from lori_kernels.triton_kernels import layer as module
+    elif name in ("cpu_ext", "cuda_ext"):
+        from lori_kernels import ops as module  # once the extension is loaded
+    else:
+        from lori_kernels import reference as module
+    return module
 
-        return lori_linear_triton
-    return lori_linear_ref
+
+def layer_kernels(backend: str) -> LayerKernels:
+    """The five kernels (shrink, shrink_backward_, expand_, expand_backward, sddmm) that
+    a backend's fused layer is made of: for benchmarks and kernel-level tests."""
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {backends.BACKENDS}")
+    if backend.endswith("_ext") and (error := _extension.load_error()) is not None:
+        raise RuntimeError(error)
+    return _backend_module(backend).KERNELS
 
 
 def generate_a(
@@ -84,4 +98,4 @@ def lori_linear(
         dist=dist, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     chosen = backends.resolve(backend, "lori_linear", x.device, x.dtype)
-    return _lori_linear_backend(chosen)(x, weight, bias, b_values, b_blocks, spec)
+    return _backend_module(chosen).lori_linear(x, weight, bias, b_values, b_blocks, spec)

@@ -1,78 +1,82 @@
 """The reference LoRI layer in plain torch: the twin every fast backend is tested against.
 
+Its five kernels mirror the fast backends' one for one (``*_ref`` twins of shrink,
+shrink_backward_, expand_, expand_backward and sddmm) and are composed by the same
+``fused_layer`` as every backend:
+
     h  = (x * D) @ A.T                     [M, r]   the only activation saved
     y  = x @ W.T + b + s * h @ B.T
     dx = dy @ W + s * ((dy @ B) @ A) * D    A and D regenerated in backward
     dB = s * dy.T @ h                       returned for the kept blocks only
 
-It runs on any device and dtype torch does, materialises A and a dense B per call, and
-saves only ``h`` (plus the frozen weight, which is no activation) for backward, so its
-memory profile matches the fused kernels'.
+They run on any device and float dtype torch does, materialising A and a dense B per
+call, in the input's precision.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from lori_kernels import rng
 from lori_kernels.block_sparse import check_b_blocks, gather_blocks, scatter_blocks
+from lori_kernels.fused_layer import LayerKernels, register_fused_layer
 from lori_kernels.layer_spec import LayerSpec
 
-__all__ = ["lori_linear_ref"]
+__all__ = [
+    "KERNELS",
+    "expand_backward_ref",
+    "expand_ref_",
+    "lori_linear",
+    "sddmm_ref",
+    "shrink_backward_ref_",
+    "shrink_ref",
+]
 
 
-def _a(spec: LayerSpec, like: torch.Tensor) -> torch.Tensor:
-    """A ``[r, in]`` in the dtype and on the device of ``like``."""
-    a = rng.generate_a_tile(
-        spec.seed, spec.in_features, 0, spec.r, 0, spec.in_features, dist=spec.dist,
-        device=like.device,
-    )
-    return a.to(like.dtype)
+def _a(seed: int, r: int, d_in: int, dist: str, like: torch.Tensor) -> torch.Tensor:
+    """A ``[r, d_in]`` in the dtype and on the device of ``like``."""
+    return rng.generate_a_tile(seed, d_in, 0, r, 0, d_in, dist=dist, device=like.device).to(like.dtype)
 
 
-def _dropout_factor(spec: LayerSpec, like: torch.Tensor) -> torch.Tensor:
-    """``D`` ``[M, in]``: kept elements 1/(1-p), dropped 0, in the dtype of ``like``."""
-    keep = rng.dropout_keep(
-        spec.dropout_seed, spec.dropout_p, like.shape[0], spec.in_features, device=like.device
-    )
-    return keep.to(like.dtype) * rng.dropout_scale(spec.dropout_p)
+def _dropout_factor(dropout_p: float, dropout_seed: int, like: torch.Tensor) -> torch.Tensor:
+    """``D`` ``[M, in]`` (``like``'s shape): kept elements 1/(1-p), dropped 0."""
+    keep = rng.dropout_keep(dropout_seed, dropout_p, like.shape[0], like.shape[1], device=like.device)
+    return keep.to(like.dtype) * rng.dropout_scale(dropout_p)
 
 
-class _LoRILinearRef(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, b_values, b_blocks, spec: LayerSpec):
-        a = _a(spec, x)
-        xd = x * _dropout_factor(spec, x) if spec.has_dropout else x
-        h = xd @ a.t()
-        b = scatter_blocks(b_values, b_blocks, spec.out_features, spec.r)
-        y = torch.nn.functional.linear(x, weight, bias) + (h @ b.t()) * spec.scaling
-        ctx.save_for_backward(h, weight, b_values, b_blocks)
-        ctx.spec = spec
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        h, weight, b_values, b_blocks = ctx.saved_tensors
-        spec: LayerSpec = ctx.spec
-        dx = db_values = None
-        if ctx.needs_input_grad[0]:
-            b = scatter_blocks(b_values, b_blocks, spec.out_features, spec.r)
-            g = (dy @ b) * spec.scaling
-            dxd = g @ _a(spec, dy)
-            if spec.has_dropout:
-                dxd = dxd * _dropout_factor(spec, dy)
-            dx = dy @ weight + dxd
-        if ctx.needs_input_grad[3]:
-            db = (dy.t() @ h) * spec.scaling
-            db_values = gather_blocks(db, b_blocks, spec.block)
-        return dx, None, None, db_values, None, None
+def shrink_ref(x, seed, r, dist, dropout_p, dropout_seed):
+    """``h = (x * D) @ A.T``."""
+    xd = x * _dropout_factor(dropout_p, dropout_seed, x) if dropout_p > 0 else x
+    return xd @ _a(seed, r, x.shape[1], dist, x).t()
 
 
-def lori_linear_ref(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
-    """The reference backend of ``lori_kernels.lori_linear`` on validated arguments."""
+def shrink_backward_ref_(dx, g, seed, dist, dropout_p, dropout_seed):
+    """``dx += (g @ A) * D`` in place."""
+    t = g @ _a(seed, g.shape[1], dx.shape[1], dist, dx)
+    dx.add_(t * _dropout_factor(dropout_p, dropout_seed, dx) if dropout_p > 0 else t)
+
+
+def expand_ref_(y, h, b_values, b_blocks, scaling):
+    """``y += scaling * h @ B.T`` in place, B scattered dense."""
+    y.add_((h @ scatter_blocks(b_values, b_blocks, y.shape[1], h.shape[1]).t()) * scaling)
+
+
+def expand_backward_ref(dy, b_values, b_blocks, r, scaling):
+    """``g = scaling * dy @ B``."""
+    return (dy @ scatter_blocks(b_values, b_blocks, dy.shape[1], r)) * scaling
+
+
+def sddmm_ref(dy, h, b_blocks, bo, br, scaling):
+    """``db_values = scaling * dy.T @ h`` at the kept blocks (computed dense)."""
+    return gather_blocks((dy.t() @ h) * scaling, b_blocks, (bo, br))
+
+
+KERNELS = LayerKernels(shrink_ref, shrink_backward_ref_, expand_ref_, expand_backward_ref, sddmm_ref)
+_lori_linear_fused = register_fused_layer("lori_ref", KERNELS)
+
+
+def lori_linear(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
+    """The reference backend of ``lori_kernels.lori_linear`` on validated arguments; it
+    also checks the content of ``b_blocks`` (range, order, uniqueness) on every call."""
     check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
-    x2 = x.reshape(-1, spec.in_features)
-    y = _LoRILinearRef.apply(x2, weight, bias, b_values, b_blocks, spec)
-    return y.reshape(*x.shape[:-1], spec.out_features)
+    return _lori_linear_fused(x, weight, bias, b_values, b_blocks, spec)

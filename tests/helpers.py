@@ -46,8 +46,9 @@ def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, see
     )
 
 
-def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, **kw):
+def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, backend="reference"):
+    """``lori_linear`` on a layer of ``make_layer`` (the reference backend unless told)."""
     return lori_kernels.lori_linear(
         x, layer["weight"], layer["bias"], layer["seed"], layer["b_values"], layer["b_blocks"],
-        r=r, block=block, scaling=scaling, dropout_p=dropout_p, dropout_seed=dropout_seed, **kw,
+        r=r, block=block, scaling=scaling, dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
     )

@@ -29,4 +29,5 @@ def test_bench_generate_a_quick(ext, tmp_path):
 def test_bench_layer_quick(tmp_path):
     rows = run_quick("bench_layer.py", tmp_path)
     assert {"base", "peft_lora", "reference"} <= {row["impl"] for row in rows}
-    assert all(float(row["ratio_to_base"]) > 0 for row in rows)
+    assert {row["part"] for row in rows} == {"layer", "lora_path"}
+    assert all(float(row["ratio"]) > 0 for row in rows)

@@ -29,12 +29,12 @@ class BlockIndex(NamedTuple):
 
 
 def block_index(b_blocks: torch.Tensor, n_rows: int, n_cols: int) -> BlockIndex:
-    """The CSR/CSC view of sorted ``b_blocks`` (computed on its device, no sync)."""
-    rows, cols = b_blocks[:, 0].long(), b_blocks[:, 1].long()
-    zero = torch.zeros(1, dtype=torch.int64, device=b_blocks.device)
-    row_ptr = torch.cat([zero, torch.bincount(rows, minlength=n_rows).cumsum(0)])
-    col_ptr = torch.cat([zero, torch.bincount(cols, minlength=n_cols).cumsum(0)])
+    """The CSR/CSC view of sorted ``b_blocks``, on its device without a host sync
+    (``searchsorted``, not ``bincount``, whose output size needs one)."""
+    rows, cols = b_blocks[:, 0].long().contiguous(), b_blocks[:, 1].long()
     col_order = torch.argsort(cols * n_rows + rows)
+    row_ptr = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device))
+    col_ptr = torch.searchsorted(cols[col_order].contiguous(), torch.arange(n_cols + 1, device=rows.device))
     return BlockIndex(row_ptr.int(), col_ptr.int(), col_order.int())
 
 
@@ -100,14 +100,15 @@ def _expand_backward_kernel(dy_ptr, bv_ptr, bb_ptr, col_ptr, col_order, g_ptr, M
 
 
 def expand_(y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor,
-            index: BlockIndex, scaling: float) -> torch.Tensor:
+            scaling: float) -> torch.Tensor:
     """``y += scaling * h @ B.T`` in place over B's kept blocks; ``y`` [M, out],
     contiguous ``h`` [M, r]."""
     m, n = y.shape
     bo, br = b_values.shape[1:]
-    n_rows = index.row_ptr.shape[0] - 1
     if m == 0 or b_values.shape[0] == 0:
         return y
+    n_rows = -(-n // bo)
+    index = block_index(b_blocks, n_rows, h.shape[1] // br)
     _expand_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_rows)](
         h, b_values, b_blocks, index.row_ptr, y, m, n, h.shape[1], y.stride(0), y.stride(1), scaling,
         BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(y.dtype),
@@ -115,15 +116,16 @@ def expand_(y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: 
     return y
 
 
-def expand_backward(dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor,
-                    index: BlockIndex, r: int, scaling: float) -> torch.Tensor:
+def expand_backward(dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, r: int,
+                    scaling: float) -> torch.Tensor:
     """``g = scaling * dy @ B`` ``[M, r]`` over B's kept blocks, in dy's dtype."""
     m, n = dy.shape
     bo, br = b_values.shape[1:]
-    n_cols = index.col_ptr.shape[0] - 1
     g = torch.empty(m, r, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return g
+    n_cols = r // br
+    index = block_index(b_blocks, -(-n // bo), n_cols)
     _expand_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_cols)](
         dy, b_values, b_blocks, index.col_ptr, index.col_order, g, m, n, r, dy.stride(0), dy.stride(1),
         scaling, BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(dy.dtype),

@@ -45,12 +45,11 @@ def _sddmm_kernel(dy_ptr, h_ptr, bb_ptr, out_ptr, M, N, R, NNZ, stride_dm, strid
              mask=(ro[:, None] < BO) & (rc[None, :] < BR))
 
 
-def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, block: tuple[int, int],
+def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br: int,
           scaling: float) -> torch.Tensor:
     """``db_values`` ``[nnz, bo, br]`` = ``scaling * dy.T @ h`` at the kept blocks, in
     dy's dtype; zero in the padded rows of a partial last block row."""
     m, n = dy.shape
-    bo, br = block
     nnz = b_blocks.shape[0]
     if nnz == 0 or m == 0:
         return torch.zeros(nnz, bo, br, dtype=dy.dtype, device=dy.device)

@@ -90,7 +90,7 @@ def _rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dic
     )
 
 
-def shrink(x: torch.Tensor, seed, r: int, *, dist: str = "uniform", dropout_p: float = 0.0,
+def shrink(x: torch.Tensor, seed, r: int, dist: str = "uniform", dropout_p: float = 0.0,
            dropout_seed=0) -> torch.Tensor:
     """``h = (x * D) @ A.T`` for a 2-D ``x`` ``[M, in]``; ``h`` ``[M, r]`` in x's dtype."""
     m, k = x.shape
@@ -105,7 +105,7 @@ def shrink(x: torch.Tensor, seed, r: int, *, dist: str = "uniform", dropout_p: f
     return h
 
 
-def shrink_backward_(dx: torch.Tensor, g: torch.Tensor, seed, *, dist: str = "uniform",
+def shrink_backward_(dx: torch.Tensor, g: torch.Tensor, seed, dist: str = "uniform",
                      dropout_p: float = 0.0, dropout_seed=0) -> torch.Tensor:
     """``dx += (g @ A) * D`` in place, for ``dx`` ``[M, in]`` and contiguous ``g`` ``[M, r]``."""
     m, k = dx.shape

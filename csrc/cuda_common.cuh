@@ -1,0 +1,48 @@
+// Shared by the CUDA kernels of the fused layer: launch shapes and the A tile generator.
+#pragma once
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace lori {
+
+constexpr int kTile = 32;      // output tile side, and the depth of one reduction step
+constexpr int kThreads = 256;  // a tile's threads: 32 rows x 8 groups of 4 columns
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Fills as[jj][kk] = A[j0 + jj, k0 + kk] of A [r, d_in] (0 outside), rounded through the
+// compute dtype as every backend uses A. Thread t generates row t / 8, columns 4 (t % 8)
+// to 4 (t % 8) + 3: one or two Philox calls.
+template <typename scalar_t, typename acc_t>
+__device__ void load_a_tile(acc_t (&as)[kTile][kTile + 1], uint64_t seed, int64_t d_in, int64_t r,
+                            int64_t j0, int64_t k0, float bound, Dist dist) {
+  const int row = threadIdx.x / 8, c0 = (threadIdx.x % 8) * 4;
+  for (int c = 0; c < 4; ++c) {
+    as[row][c0 + c] = acc_t(0);
+  }
+  const int64_t j = j0 + row, k = k0 + c0;
+  if (j < r && k < d_in) {
+    const int64_t count = d_in - k < 4 ? d_in - k : 4;
+    for_each_word(seed, kStreamA, static_cast<uint64_t>(j) * d_in + k, count, [&](int64_t c, uint32_t w) {
+      as[row][c0 + c] = static_cast<acc_t>(static_cast<scalar_t>(word_to_a(w, bound, dist)));
+    });
+  }
+}
+
+// Keep flags of x[m, k .. k+3] (x viewed as [M, d_in]) under the dropout mask of `seed`;
+// columns past d_in are not kept.
+__device__ inline void keep_flags(bool (&keep)[4], uint64_t seed, float p32, int64_t d_in, int64_t m,
+                                  int64_t k) {
+  for (int c = 0; c < 4; ++c) {
+    keep[c] = false;
+  }
+  if (k < d_in) {
+    const int64_t count = d_in - k < 4 ? d_in - k : 4;
+    for_each_word(seed, kStreamDropout, static_cast<uint64_t>(m) * d_in + k, count,
+                  [&](int64_t c, uint32_t w) { keep[c] = word_keeps(w, p32); });
+  }
+}
+
+}  // namespace lori

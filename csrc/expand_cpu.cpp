@@ -1,0 +1,82 @@
+// The B side of the LoRI layer on the CPU, over B's kept blocks, with the BLAS:
+//   expand_          y += s * h @ B.T   one GEMM per kept block row (its blocks side by side)
+//   expand_backward  g  = s * dy @ B    one GEMM per kept block column (its blocks stacked)
+// Each output element is accumulated inside one GEMM (fp32 accumulation for bf16/fp16).
+#include <utility>
+#include <vector>
+
+#include <ATen/ops/cat.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "layer_checks.h"
+#include "sparse_b_cpu.h"
+
+namespace lori {
+namespace {
+
+void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
+                const at::Tensor& b_blocks, double scaling) {
+  check_matrix("expand_", "y", y);
+  check_matrix("expand_", "h", h);
+  check_like("expand_", "h", h, "y", y);
+  check_rows("expand_", "h", h, "y", y);
+  const int64_t out = y.size(1), r = h.size(1);
+  const BlockLayout layout = check_b("expand_", b_values, b_blocks, out, r, "y", y);
+  check_block_indices_cpu("expand_", b_blocks, layout);
+  if (layout.nnz == 0 || y.size(0) == 0) {
+    return;
+  }
+  if (use_dense_b(layout, out, r)) {
+    y.addmm_(h, dense_b(b_values, b_blocks, layout, out, r).t(), 1.0, scaling);
+    return;
+  }
+  for (const BlockGroup& row : group_blocks(b_blocks, layout, /*by_row=*/true)) {
+    std::vector<at::Tensor> blocks;
+    std::vector<std::pair<int64_t, int64_t>> h_columns;
+    for (size_t t = 0; t < row.blocks.size(); ++t) {
+      blocks.push_back(b_values[row.blocks[t]]);
+      h_columns.emplace_back(row.other[t] * layout.br, layout.br);
+    }
+    const int64_t rows = real_rows(layout, row.index, out);
+    y.narrow(1, row.index * layout.bo, rows)
+        .addmm_(column_ranges(h, h_columns), at::cat(blocks, 1).narrow(0, 0, rows).t(), 1.0, scaling);
+  }
+}
+
+at::Tensor expand_backward_cpu(const at::Tensor& dy, const at::Tensor& b_values,
+                               const at::Tensor& b_blocks, int64_t r, double scaling) {
+  check_matrix("expand_backward", "dy", dy);
+  const int64_t out = dy.size(1);
+  const BlockLayout layout = check_b("expand_backward", b_values, b_blocks, out, r, "dy", dy);
+  check_block_indices_cpu("expand_backward", b_blocks, layout);
+  if (layout.nnz > 0 && dy.size(0) > 0 && use_dense_b(layout, out, r)) {
+    return at::mm(dy, dense_b(b_values, b_blocks, layout, out, r)).mul_(scaling);
+  }
+  at::Tensor g = at::zeros({dy.size(0), r}, dy.options());
+  if (dy.size(0) == 0) {
+    return g;
+  }
+  for (const BlockGroup& col : group_blocks(b_blocks, layout, /*by_row=*/false)) {
+    std::vector<at::Tensor> blocks;
+    std::vector<std::pair<int64_t, int64_t>> dy_columns;
+    for (size_t t = 0; t < col.blocks.size(); ++t) {
+      const int64_t rows = real_rows(layout, col.other[t], out);
+      blocks.push_back(b_values[col.blocks[t]].narrow(0, 0, rows));
+      dy_columns.emplace_back(col.other[t] * layout.bo, rows);
+    }
+    g.narrow(1, col.index * layout.br, layout.br)
+        .addmm_(column_ranges(dy, dy_columns), at::cat(blocks, 0), 0.0, scaling);
+  }
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lori, CPU, m) {
+  m.impl("expand_", &expand_cpu);
+  m.impl("expand_backward", &expand_backward_cpu);
+}
+
+}  // namespace lori

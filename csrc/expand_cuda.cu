@@ -1,0 +1,134 @@
+// The B side of the LoRI layer on CUDA, touching only B's kept blocks:
+//   expand_          y += s * h @ B.T   a thread block per (32 rows of y, block row of B)
+//   expand_backward  g  = s * dy @ B    a thread block per (32 rows of g, block column of B)
+// One thread per output element, fp32 accumulation for bf16/fp16. Block indices out of
+// range are skipped (the caller validates b_blocks; reading it here would need a sync).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "block_index.h"
+#include "cuda_common.cuh"
+#include "layer_checks.h"
+
+namespace lori {
+namespace {
+
+template <typename scalar_t>
+__global__ void expand_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
+                              const scalar_t* __restrict__ b_values, const int32_t* __restrict__ b_blocks,
+                              const int64_t* __restrict__ row_ptr, int64_t M, int64_t out, int64_t r,
+                              BlockLayout layout, float scaling) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = blockIdx.y, start = row_ptr[i], end = row_ptr[i + 1];
+  const int64_t rows = out - i * layout.bo < layout.bo ? out - i * layout.bo : layout.bo;
+  for (int64_t e = threadIdx.x; e < kTile * rows; e += blockDim.x) {
+    const int64_t m = blockIdx.x * kTile + e / rows, o = e % rows;
+    if (m >= M || start == end) {
+      continue;
+    }
+    acc_t acc = acc_t(0);
+    for (int64_t k = start; k < end; ++k) {
+      const int64_t j = b_blocks[2 * k + 1];
+      if (j < 0 || j >= layout.n_cols) {
+        continue;
+      }
+      const scalar_t* hb = h + m * r + j * layout.br;
+      const scalar_t* b = b_values + (k * layout.bo + o) * layout.br;
+      for (int64_t c = 0; c < layout.br; ++c) {
+        acc += static_cast<acc_t>(hb[c]) * static_cast<acc_t>(b[c]);
+      }
+    }
+    scalar_t& target = y[m * out + i * layout.bo + o];
+    target = static_cast<scalar_t>(static_cast<acc_t>(target) + static_cast<acc_t>(scaling) * acc);
+  }
+}
+
+template <typename scalar_t>
+__global__ void expand_backward_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ dy,
+                                       const scalar_t* __restrict__ b_values,
+                                       const int32_t* __restrict__ b_blocks,
+                                       const int64_t* __restrict__ col_ptr,
+                                       const int64_t* __restrict__ col_order, int64_t M, int64_t out,
+                                       int64_t r, BlockLayout layout, float scaling) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t j = blockIdx.y, start = col_ptr[j], end = col_ptr[j + 1];
+  for (int64_t e = threadIdx.x; e < kTile * layout.br; e += blockDim.x) {
+    const int64_t m = blockIdx.x * kTile + e / layout.br, c = e % layout.br;
+    if (m >= M) {
+      continue;
+    }
+    acc_t acc = acc_t(0);
+    for (int64_t t = start; t < end; ++t) {
+      const int64_t k = col_order[t], i = b_blocks[2 * k];
+      if (i < 0 || i >= layout.n_rows) {
+        continue;
+      }
+      const int64_t rows = out - i * layout.bo < layout.bo ? out - i * layout.bo : layout.bo;
+      const scalar_t* d = dy + m * out + i * layout.bo;
+      const scalar_t* b = b_values + k * layout.bo * layout.br + c;
+      for (int64_t o = 0; o < rows; ++o) {
+        acc += static_cast<acc_t>(d[o]) * static_cast<acc_t>(b[o * layout.br]);
+      }
+    }
+    g[m * r + j * layout.br + c] = static_cast<scalar_t>(static_cast<acc_t>(scaling) * acc);
+  }
+}
+
+void expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
+                 const at::Tensor& b_blocks, double scaling) {
+  check_matrix("expand_", "y", y);
+  check_matrix("expand_", "h", h);
+  check_like("expand_", "h", h, "y", y);
+  check_rows("expand_", "h", h, "y", y);
+  const int64_t out = y.size(1), r = h.size(1);
+  const BlockLayout layout = check_b("expand_", b_values, b_blocks, out, r, "y", y);
+  if (layout.nnz == 0 || y.size(0) == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(y.device());
+  const BlockIndex index = block_index(b_blocks, layout.n_rows, layout.n_cols);
+  const dim3 grid(ceil_div(y.size(0), kTile), layout.n_rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "expand_cuda", [&] {
+    expand_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), b_values.data_ptr<scalar_t>(),
+        b_blocks.data_ptr<int32_t>(), index.row_ptr.data_ptr<int64_t>(), y.size(0), out, r, layout,
+        static_cast<float>(scaling));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor expand_backward_cuda(const at::Tensor& dy, const at::Tensor& b_values,
+                                const at::Tensor& b_blocks, int64_t r, double scaling) {
+  check_matrix("expand_backward", "dy", dy);
+  const int64_t out = dy.size(1);
+  const BlockLayout layout = check_b("expand_backward", b_values, b_blocks, out, r, "dy", dy);
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor g = at::empty({dy.size(0), r}, dy.options());
+  if (dy.size(0) == 0) {
+    return g;
+  }
+  const BlockIndex index = block_index(b_blocks, layout.n_rows, layout.n_cols);
+  const dim3 grid(ceil_div(dy.size(0), kTile), layout.n_cols);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "expand_backward_cuda", [&] {
+    expand_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), b_values.data_ptr<scalar_t>(),
+        b_blocks.data_ptr<int32_t>(), index.col_ptr.data_ptr<int64_t>(),
+        index.col_order.data_ptr<int64_t>(), dy.size(0), out, r, layout, static_cast<float>(scaling));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lori, CUDA, m) {
+  m.impl("expand_", &expand_cuda);
+  m.impl("expand_backward", &expand_backward_cuda);
+}
+
+}  // namespace lori

@@ -1,0 +1,100 @@
+// Argument checks of the fused-layer ops (shrink, expand, sddmm), shared by the CPU and
+// CUDA implementations: every failure names the op and the argument.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace lori {
+
+inline void check_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be a 2-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+inline void check_rows(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.size(0) == ref.size(0), op, ": ", name, " has ", t.size(0), " rows but ", ref_name,
+              " has ", ref.size(0));
+}
+
+// float32(p), after checking that 0 <= p < 1.
+inline float check_dropout(const char* op, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  return static_cast<float>(p);
+}
+
+// float32(1 / (1 - float64(p32))): the factor on kept inputs.
+inline float dropout_scale(float p32) {
+  return static_cast<float>(1.0 / (1.0 - static_cast<double>(p32)));
+}
+
+struct BlockLayout {
+  int64_t nnz, bo, br, n_rows, n_cols;
+};
+
+// Checks b_blocks (int32 [nnz, 2], contiguous, on the device of `like`) and the block
+// (bo, br) against B [out, r]; reads no block indices.
+inline BlockLayout check_layout(const char* op, const at::Tensor& b_blocks, int64_t bo, int64_t br,
+                                int64_t out, int64_t r, const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK(b_blocks.scalar_type() == at::kInt && b_blocks.dim() == 2 && b_blocks.size(1) == 2,
+              op, ": b_blocks must be an int32 tensor [nnz, 2], got ", b_blocks.scalar_type(),
+              " with shape ", b_blocks.sizes());
+  TORCH_CHECK(b_blocks.device() == like.device(), op, ": b_blocks is on ", b_blocks.device(),
+              " but ", like_name, " is on ", like.device());
+  TORCH_CHECK(b_blocks.is_contiguous(), op, ": b_blocks must be contiguous");
+  TORCH_CHECK(bo > 0 && br > 0 && r > 0 && r % br == 0, op, ": block (", bo, ", ", br,
+              ") does not fit r=", r, ": br must divide r");
+  TORCH_CHECK(out > 0, op, ": B must have at least one row, got out=", out);
+  return BlockLayout{b_blocks.size(0), bo, br, (out + bo - 1) / bo, r / br};
+}
+
+// Checks the compact B (b_values [nnz, bo, br] contiguous, in the dtype and on the device
+// of `like`, and its b_blocks) of a B [out, r]; reads no block indices.
+inline BlockLayout check_b(const char* op, const at::Tensor& b_values, const at::Tensor& b_blocks,
+                           int64_t out, int64_t r, const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK(b_values.dim() == 3, op, ": b_values must be [nnz, bo, br], got shape ",
+              b_values.sizes());
+  check_like(op, "b_values", b_values, like_name, like);
+  TORCH_CHECK(b_values.is_contiguous(), op, ": b_values must be contiguous");
+  const BlockLayout layout =
+      check_layout(op, b_blocks, b_values.size(1), b_values.size(2), out, r, like_name, like);
+  TORCH_CHECK(layout.nnz == b_values.size(0), op, ": b_blocks has ", layout.nnz,
+              " blocks but b_values has ", b_values.size(0));
+  return layout;
+}
+
+}  // namespace lori
+
+namespace lori {
+
+// CPU tensors only: every block index in range, sorted by (row, column), unique.
+inline void check_block_indices_cpu(const char* op, const at::Tensor& b_blocks,
+                                    const BlockLayout& layout) {
+  const int32_t* blocks = b_blocks.data_ptr<int32_t>();
+  for (int64_t k = 0; k < layout.nnz; ++k) {
+    const int64_t i = blocks[2 * k], j = blocks[2 * k + 1];
+    TORCH_CHECK(i >= 0 && i < layout.n_rows && j >= 0 && j < layout.n_cols, op, ": b_blocks[", k,
+                "] = (", i, ", ", j, ") is out of range: B has ", layout.n_rows,
+                " block rows and ", layout.n_cols, " block columns");
+    if (k > 0) {
+      const int64_t pi = blocks[2 * k - 2], pj = blocks[2 * k - 1];
+      TORCH_CHECK(i > pi || (i == pi && j > pj), op, ": b_blocks must be sorted and unique: b_blocks[",
+                  k, "] = (", i, ", ", j, ") comes after (", pi, ", ", pj, ")");
+    }
+  }
+}
+
+}  // namespace lori

@@ -1,0 +1,101 @@
+"""The fused LoRI layer composed from five kernels, registered as ``torch.library`` custom
+ops with fake (meta) and autograd implementations, once per kernel set (Triton, and the
+compiled C++/CUDA extension):
+
+    forward   y = x @ W.T + b           (torch matmul)
+              h = (x * D) @ A.T          shrink
+              y += s * h @ B.T           expand_, in place over the kept blocks
+    backward  g = s * dy @ B             expand_backward
+              dx = dy @ W                (torch matmul)
+              dx += (g @ A) * D          shrink_backward_, in place
+              db_values = s * dy.T @ h   sddmm, kept blocks only
+
+Only ``h`` [M, r] is saved for backward (besides the frozen weight and B, which are no
+activations); A and the dropout mask D are regenerated from their seeds, so
+``torch.compile(fullgraph=True)`` traces the layer and activation checkpointing
+recomputes it exactly.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from lori_kernels import rng
+from lori_kernels.layer_spec import LayerSpec
+
+__all__ = ["LayerKernels", "register_fused_layer"]
+
+
+class LayerKernels(NamedTuple):
+    """The five kernels of a backend. Tensors are contiguous; seeds are int64 (the uint64
+    seed in two's complement); B is ``b_values`` [nnz, bo, br] at sorted ``b_blocks``."""
+
+    shrink: Callable  # (x, seed, r, dist, dropout_p, dropout_seed) -> h [M, r]
+    shrink_backward_: Callable  # (dx, g, seed, dist, dropout_p, dropout_seed) -> None
+    expand_: Callable  # (y, h, b_values, b_blocks, scaling) -> None
+    expand_backward: Callable  # (dy, b_values, b_blocks, r, scaling) -> g [M, r]
+    sddmm: Callable  # (dy, h, b_blocks, bo, br, scaling) -> db_values [nnz, bo, br]
+
+
+def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
+    """Register ``<namespace>::forward`` and ``<namespace>::backward`` over ``kernels`` and
+    return the backend function ``(x, weight, bias, b_values, b_blocks, spec) -> y``."""
+
+    @torch.library.custom_op(f"{namespace}::forward", mutates_args=())
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], b_values: torch.Tensor,
+        b_blocks: torch.Tensor, seed: int, r: int, scaling: float, dist: str, dropout_p: float,
+        dropout_seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.nn.functional.linear(x, weight, bias)
+        h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
+        kernels.expand_(y, h, b_values, b_blocks, scaling)
+        return y, h
+
+    @forward.register_fake
+    def _(x, weight, bias, b_values, b_blocks, seed, r, scaling, dist, dropout_p, dropout_seed):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], r)
+
+    @torch.library.custom_op(f"{namespace}::backward", mutates_args=())
+    def backward(
+        dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, b_values: torch.Tensor,
+        b_blocks: torch.Tensor, seed: int, scaling: float, dist: str, dropout_p: float,
+        dropout_seed: int, need_dx: bool, need_db: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dx, db_values)``; an output that is not needed comes back empty."""
+        dx = db_values = dy.new_empty(0)
+        if need_dx:
+            g = kernels.expand_backward(dy, b_values, b_blocks, h.shape[1], scaling)
+            dx = dy @ weight
+            kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
+        if need_db:
+            db_values = kernels.sddmm(dy, h, b_blocks, b_values.shape[1], b_values.shape[2], scaling)
+        return dx, db_values
+
+    @backward.register_fake
+    def _(dy, h, weight, b_values, b_blocks, seed, scaling, dist, dropout_p, dropout_seed, need_dx, need_db):
+        dx = dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(0)
+        return dx, b_values.new_empty(b_values.shape) if need_db else dy.new_empty(0)
+
+    def setup_context(ctx, inputs, output):
+        _, weight, _, b_values, b_blocks, seed, _, scaling, dist, dropout_p, dropout_seed = inputs
+        ctx.save_for_backward(output[1], weight, b_values, b_blocks)
+        ctx.rng_args = (seed, scaling, dist, dropout_p, dropout_seed)
+
+    def autograd_backward(ctx, dy, _dh):
+        h, weight, b_values, b_blocks = ctx.saved_tensors
+        need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dx, db_values = backward(dy.contiguous(), h, weight, b_values, b_blocks, *ctx.rng_args, need_dx, need_db)
+        return (dx if need_dx else None), None, None, (db_values if need_db else None), *([None] * 7)
+
+    forward.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def lori_linear_fused(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
+        y, _ = forward(
+            x.reshape(-1, spec.in_features).contiguous(), weight, bias, b_values.contiguous(),
+            b_blocks.contiguous(), rng.to_int64(spec.seed), spec.r, spec.scaling, spec.dist,
+            spec.dropout_p, rng.to_int64(spec.dropout_seed),
+        )
+        return y.reshape(*x.shape[:-1], spec.out_features)
+
+    return lori_linear_fused

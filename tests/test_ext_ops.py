@@ -1,0 +1,117 @@
+"""The compiled layer ops (torch.ops.lori.shrink, shrink_backward_, expand_,
+expand_backward, sddmm): registration, exact RNG, math on odd shapes, and errors that
+name the argument. The composed layer is tested in test_fused_layer.py."""
+
+import pytest
+import torch
+from helpers import assert_bitwise_equal, devices, make_layer
+
+from lori_kernels import block_sparse as bs
+from lori_kernels import rng
+
+SEED, DROPOUT_SEED = -12345, 2**62 + 7  # int64 as in the schemas (negative: a seed >= 2^63)
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    return request.param
+
+
+def layer_args(device, m=21, inp=41, out=70, r=8, block=(32, 4), keep=0.5, dtype=torch.float32):
+    layer = make_layer(out, inp, r, block, keep=keep, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, inp, generator=g).to(dtype).to(device)
+    dy = torch.randn(m, out, generator=g).to(dtype).to(device)
+    return layer, x, dy
+
+
+@pytest.mark.parametrize("inp", [40, 41])
+def test_a_is_bit_exact_through_shrink_and_its_backward(ext, device, inp):
+    """x = I gives h = A.T, and g = I gives dx = A, exactly in fp32: the kernels use
+    LoRI-RNG's A bit for bit."""
+    for dist in ["uniform", "rademacher"]:
+        a = rng.generate_a_tile(SEED, inp, 0, 8, 0, inp, dist=dist, device=device)
+        h = ext.shrink(torch.eye(inp, device=device), SEED, 8, dist, 0.0, 0)
+        assert_bitwise_equal(h.t().contiguous(), a)
+        dx = torch.zeros(8, inp, device=device)
+        ext.shrink_backward_(dx, torch.eye(8, device=device), SEED, dist, 0.0, 0)
+        assert_bitwise_equal(dx, a)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.7, 0.9])
+def test_dropout_mask_is_the_reference_mask(ext, device, p):
+    """Where the dropout mask drops, shrink_backward_ adds exactly zero; elsewhere g @ A
+    times 1/(1-p), which is never zero here."""
+    m, inp = 19, 41
+    keep = rng.dropout_keep(DROPOUT_SEED, p, m, inp, device=device)
+    g = torch.randn(m, 8, device=device)
+    dx = torch.zeros(m, inp, device=device)
+    ext.shrink_backward_(dx, g, SEED, "uniform", p, DROPOUT_SEED)
+    assert torch.equal(dx != 0, keep)
+    a = rng.generate_a_tile(SEED, inp, 0, 8, 0, inp, device=device)
+    torch.testing.assert_close(dx, (g @ a) * keep * rng.dropout_scale(p))
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("block", [(32, 4), (16, 8), (1, 1), (64, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_block_ops_match_dense_math(ext, device, keep, block, dtype):
+    """expand_, expand_backward and sddmm against dense B math (the sparse and dense paths:
+    tiny blocks and B kept at least half go dense)."""
+    layer, x, dy = layer_args(device, keep=keep, block=block, dtype=dtype)
+    out, r = 70, 8
+    bv, bb, b = layer["b_values"], layer["b_blocks"], layer["b_dense"].double()
+    h = torch.randn(x.shape[0], r, dtype=dtype, device=device)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
+    y = torch.randn(x.shape[0], out, dtype=dtype, device=device)
+    want = y.double() + 1.5 * h.double() @ b.t()
+    ext.expand_(y, h, bv, bb, 1.5)
+    torch.testing.assert_close(y, want.to(dtype), **tol)
+    torch.testing.assert_close(ext.expand_backward(dy, bv, bb, r, 1.5), (1.5 * dy.double() @ b).to(dtype), **tol)
+    db = ext.sddmm(dy, h, bb, *block, 1.5)
+    want_db = bs.gather_blocks(1.5 * dy.double().t() @ h.double(), bb, block)
+    torch.testing.assert_close(db, want_db.to(dtype), **tol)
+
+
+def test_opcheck_every_op(ext, device):
+    layer, x, dy = layer_args(device)
+    bv, bb = layer["b_values"], layer["b_blocks"]
+    h = ext.shrink(x, SEED, 8, "uniform", 0.2, DROPOUT_SEED)
+    for op, args in [
+        (ext.shrink, (x, SEED, 8, "uniform", 0.2, DROPOUT_SEED)),
+        (ext.shrink_backward_, (torch.zeros_like(x), h, SEED, "rademacher", 0.2, DROPOUT_SEED)),
+        (ext.expand_, (torch.zeros_like(dy), h, bv, bb, 2.0)),
+        (ext.expand_backward, (dy, bv, bb, 8, 2.0)),
+        (ext.sddmm, (dy, h, bb, 32, 4, 2.0)),
+    ]:
+        torch.library.opcheck(op.default, args)
+
+
+def bad_calls(ext):
+    layer, x, dy = layer_args("cpu")
+    bv, bb = layer["b_values"], layer["b_blocks"]
+    h = torch.zeros(x.shape[0], 8)
+    return [
+        (lambda: ext.shrink(x[0], SEED, 8, "uniform", 0.0, 0), "shrink: x must be a 2-D tensor"),
+        (lambda: ext.shrink(x.t(), SEED, 8, "uniform", 0.0, 0), "shrink: x must be contiguous"),
+        (lambda: ext.shrink(x.int(), SEED, 8, "uniform", 0.0, 0), "shrink: x must be a floating-point"),
+        (lambda: ext.shrink(x, SEED, 0, "uniform", 0.0, 0), "shrink: r must be positive"),
+        (lambda: ext.shrink(x, SEED, 8, "normal", 0.0, 0), "shrink: dist must be"),
+        (lambda: ext.shrink(x, SEED, 8, "uniform", 1.0, 0), r"shrink: dropout_p must be in \[0, 1\)"),
+        (lambda: ext.shrink_backward_(x.clone(), h.double(), SEED, "uniform", 0.0, 0), "shrink_backward_: g has dtype"),
+        (lambda: ext.shrink_backward_(x.clone(), h[:3], SEED, "uniform", 0.0, 0), "shrink_backward_: g has 3 rows but dx has 21"),
+        (lambda: ext.expand_(dy.clone(), h, bv, bb.long(), 1.0), "expand_: b_blocks must be an int32"),
+        (lambda: ext.expand_(dy.clone(), h, bv[:1], bb, 1.0), f"expand_: b_blocks has {bb.shape[0]} blocks but b_values has 1"),
+        (lambda: ext.expand_(dy.clone(), h, bv.half(), bb, 1.0), "expand_: b_values has dtype"),
+        (lambda: ext.expand_(dy.clone(), h, torch.zeros(3, 32, 4), torch.tensor([[0, 0], [3, 0], [4, 1]], dtype=torch.int32), 1.0),
+         r"expand_: b_blocks\[1\] = \(3, 0\) is out of range: B has 3 block rows and 2 block columns"),
+        (lambda: ext.expand_backward(dy, bv, bb.flip(0).contiguous(), 8, 1.0), "expand_backward: b_blocks must be sorted"),
+        (lambda: ext.expand_backward(dy, bv, bb, 6, 1.0), "expand_backward: block .* does not fit r=6"),
+        (lambda: ext.sddmm(dy, h, bb.t(), 32, 4, 1.0), "sddmm: b_blocks must be an int32 tensor \\[nnz, 2\\]"),
+    ]
+
+
+def test_errors_name_the_op_and_argument(ext):
+    for call, message in bad_calls(ext):
+        with pytest.raises(RuntimeError, match=message):
+            call()
