@@ -27,13 +27,6 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -43,9 +36,22 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
-        "commit": commit,
+        "commit": _git_commit(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def _git_commit() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files have changed since."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _cpu_name() -> str:
