@@ -1,6 +1,33 @@
-"""LoRI training library: configuration, the demo and command line (LoRILinear, masks,
-training, checkpoints and merging are built on ``lori_kernels.lori_linear``)."""
+"""LoRI training library on ``lori_kernels.lori_linear``: configuration, ``LoRILinear``
+and its injection into Hugging Face models, masks, training, checkpoints, the CLI."""
 
+from lori.checkpoint import CheckpointError, load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
+from lori.layer import LoRILinear
+from lori.masks import extract_masks, load_masks, save_masks
+from lori.model import (
+    disable_adapters,
+    get_lori_model,
+    lori_layers,
+    print_trainable_parameters,
+    remove_lori,
+    set_dropout_calls,
+)
 
-__all__ = ["DEFAULT_TARGET_MODULES", "LoRIConfig"]
+__all__ = [
+    "CheckpointError",
+    "DEFAULT_TARGET_MODULES",
+    "LoRIConfig",
+    "LoRILinear",
+    "disable_adapters",
+    "extract_masks",
+    "get_lori_model",
+    "load_lori",
+    "load_masks",
+    "lori_layers",
+    "print_trainable_parameters",
+    "remove_lori",
+    "save_lori",
+    "save_masks",
+    "set_dropout_calls",
+]

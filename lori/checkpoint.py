@@ -1,0 +1,222 @@
+"""Compact LoRI adapters on disk: seeds and kept blocks, nothing else.
+
+A checkpoint is a directory:
+
+- ``lori_config.json``: format and version, ``"rng": "lori-rng-v1"``, the ``LoRIConfig``,
+  the base model's id and a fingerprint of its parameter names and shapes, each adapted
+  layer's ``[out, in]`` and kept-block count, and the SHA-256 of the tensor file;
+- ``adapter.safetensors``: per layer ``<name>.seed`` (int64 holding the uint64 seed in
+  two's complement), ``<name>.b_values`` and ``<name>.b_blocks``.
+
+Saving writes a temporary directory and renames it into place. Loading reads and checks
+everything (format, version, checksum, names, dtypes, shapes, block indices, finite
+values, the base model) before it touches the model, and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
+
+from lori.config import LoRIConfig
+from lori.files import atomic_dir
+from lori.model import get_lori_model, lori_layers
+from lori_kernels import block_sparse, rng
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "CheckpointError", "base_fingerprint", "load_lori", "read_lori", "save_lori"]
+
+FORMAT = "lori-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "lori_config.json"
+TENSORS_FILE = "adapter.safetensors"
+_KINDS = ("seed", "b_values", "b_blocks")
+
+
+class CheckpointError(ValueError):
+    """A LoRI checkpoint that cannot be loaded; the message says why."""
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the base model's parameter names and shapes (LoRI parameters left out,
+    wrapped layers under their original names), so it is the same before and after
+    ``get_lori_model``."""
+    entries = sorted(
+        (name.replace(".base_layer.", "."), list(p.shape)) for name, p in model.named_parameters()
+        if not name.endswith("b_values")
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _base_id(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the model's LoRI adapter to the directory ``path`` (replacing it atomically);
+    ``b_values`` are stored in ``dtype`` (default: as trained). Returns ``path``."""
+    config = getattr(model, "lori_config", None)
+    layers = lori_layers(model)
+    if config is None or not layers:
+        raise ValueError("the model has no LoRI adapters to save")
+    tensors, shapes = {}, {}
+    for name, layer in layers.items():
+        values = _full(layer.b_values).detach()
+        tensors[f"{name}.seed"] = layer.seed.detach().reshape(1).cpu()
+        tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
+        tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
+        shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, tmp / TENSORS_FILE)
+        digest = hashlib.sha256((tmp / TENSORS_FILE).read_bytes()).hexdigest()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "rng": rng.RNG_VERSION,
+            "config": config.to_dict(), "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)},
+            "layers": shapes, "adapter_sha256": digest,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=1))
+    log.info("saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s", len(layers),
+             sum(s["nnz"] for s in shapes.values()), (path / TENSORS_FILE).stat().st_size, path)
+    return path
+
+
+def _check_manifest(manifest, where: Path) -> LoRIConfig:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a LoRI adapter config (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+    if manifest.get("rng") != rng.RNG_VERSION:
+        raise CheckpointError(f"{where} needs the generator {manifest.get('rng')!r}; this code has {rng.RNG_VERSION}")
+    for key in ("config", "base_model", "layers", "adapter_sha256"):
+        if key not in manifest:
+            raise CheckpointError(f"{where} has no {key!r} entry")
+    try:
+        return LoRIConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad LoRI config: {e}") from None
+
+
+def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read and check a checkpoint without a model: its manifest and, per layer, the
+    tensors ``seed`` (a Python-int-valued int64), ``b_values``, ``b_blocks``."""
+    path = Path(path)
+    config_file, tensors_file = path / CONFIG_FILE, path / TENSORS_FILE
+    for f in (config_file, tensors_file):
+        if not f.is_file():
+            raise CheckpointError(f"{path} is not a LoRI checkpoint: {f.name} is missing")
+    try:
+        manifest = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    config = _check_manifest(manifest, config_file)
+    data = tensors_file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["adapter_sha256"]:
+        raise CheckpointError(f"{tensors_file} does not match the checksum in {CONFIG_FILE}: truncated or corrupted")
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{tensors_file} is not a readable safetensors file: {e}") from None
+    layers = manifest["layers"]
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{config_file} lists no layers")
+    expected = {f"{name}.{kind}" for name in layers for kind in _KINDS}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise CheckpointError(f"{tensors_file} does not hold exactly the layers of {CONFIG_FILE}: "
+                              f"unexpected {extra[:3]}, missing {missing[:3]}")
+    per_layer = {}
+    for name, info in layers.items():
+        t = {kind: tensors[f"{name}.{kind}"] for kind in _KINDS}
+        _check_layer(name, info, t, config)
+        per_layer[name] = t
+    return manifest, per_layer
+
+
+def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig) -> None:
+    try:
+        out, inp = (int(v) for v in info["shape"])
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"layer {name}: bad shape entry {info!r}") from None
+    if t["seed"].dtype != torch.int64 or t["seed"].numel() != 1:
+        raise CheckpointError(f"{name}.seed must be one int64, got {t['seed'].dtype} {tuple(t['seed'].shape)}")
+    if not t["b_values"].is_floating_point():
+        raise CheckpointError(f"{name}.b_values must be floating point, got {t['b_values'].dtype}")
+    if not torch.isfinite(t["b_values"]).all():
+        raise CheckpointError(f"{name}.b_values holds NaN or Inf")
+    try:
+        block_sparse.check_b_layout(t["b_values"], t["b_blocks"], config.block)
+        block_sparse.check_b_blocks(t["b_blocks"], out, config.r, config.block)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"layer {name}: {e}") from None
+    if info.get("nnz") != t["b_blocks"].shape[0]:
+        raise CheckpointError(f"layer {name}: {CONFIG_FILE} says {info.get('nnz')} kept blocks, the tensors hold {t['b_blocks'].shape[0]}")
+    if inp <= 0:
+        raise CheckpointError(f"layer {name}: bad shape {[out, inp]}")
+
+
+def load_lori(model: torch.nn.Module, path: str | Path, *, check_base: bool = True, backend: str = "auto") -> torch.nn.Module:
+    """Load the adapter at ``path`` into ``model`` and return it. A model without
+    adapters gets them (with the checkpoint's masks); a model with adapters must have the
+    checkpoint's layers and kept blocks. With ``check_base`` the base model's fingerprint
+    must match. Everything is checked first: on any error the model is untouched."""
+    manifest, per_layer = read_lori(path)
+    config = LoRIConfig.from_dict(manifest["config"])
+    if check_base and manifest["base_model"].get("fingerprint") != base_fingerprint(model):
+        raise CheckpointError(
+            f"{path} was trained on another base model ({manifest['base_model'].get('id')!r}): parameter names "
+            "or shapes differ (pass check_base=False to load anyway)")
+    existing = lori_layers(model)
+    modules = dict(model.named_modules())
+    for name, info in manifest["layers"].items():
+        module = existing.get(name, modules.get(name))
+        if module is None:
+            raise CheckpointError(f"{path} adapts {name}, which the model does not have")
+        shape = [module.out_features, module.in_features] if hasattr(module, "out_features") else None
+        if shape != list(info["shape"]):
+            raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
+    if existing:
+        if set(existing) != set(per_layer):
+            raise CheckpointError(f"the model's adapted layers differ from {path}'s")
+        for name, layer in existing.items():
+            if layer.block != config.block or layer.r != config.r or not torch.equal(layer.b_blocks.cpu(), per_layer[name]["b_blocks"]):
+                raise CheckpointError(f"{name}: the model's adapter (r, block or kept blocks) differs from {path}'s; "
+                                      "load into the base model instead")
+    else:
+        masks = {name: block_sparse.mask_from_blocks(t["b_blocks"], modules[name].out_features, config.r, config.block)
+                 for name, t in per_layer.items()}
+        get_lori_model(model, config, masks=masks, backend=backend)
+    state = {}
+    for name, t in per_layer.items():
+        for kind in _KINDS:
+            state[f"{name}.{kind}"] = t[kind].reshape(()) if kind == "seed" else t[kind]
+    layers = lori_layers(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.seed.copy_(state[f"{name}.seed"])
+            layer.layer_seed = rng.to_uint64(layer.seed)
+            _full_copy(layer.b_values, state[f"{name}.b_values"])
+    log.info("loaded LoRI adapter from %s: %d layers", path, len(layers))
+    return model
+
+
+def _full_copy(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter, which may be an FSDP-sharded DTensor."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        param.copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements))
+    else:
+        param.copy_(value)

@@ -1,0 +1,112 @@
+"""``LoRILinear``: a frozen ``nn.Linear`` plus a LoRI adapter, one fused op per call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lori_kernels
+from lori_kernels import block_sparse, rng
+
+__all__ = ["LoRILinear"]
+
+
+class LoRILinear(nn.Module):
+    """``y = base_layer(x) + scaling * ((x * D) @ A.T) @ B.T``.
+
+    ``base_layer`` stays frozen; A ``[r, in]`` is regenerated from the layer's 64-bit seed
+    (buffer ``seed``, the uint64 in two's complement); B ``[out, r]`` exists only as its
+    kept blocks: parameter ``b_values`` ``[nnz, bo, br]`` (zero at creation, as LoRA's B)
+    at buffer ``b_blocks`` int32 ``[nnz, 2]``, fixed for the layer's life. Without
+    ``b_blocks`` every block is kept (LoRI-D). ``b_values`` is float32 (the optimizer's
+    master copy) and cast to the base weight's dtype in forward.
+
+    Dropout (training only) draws its mask from a seed derived from the layer's seed and a
+    count of the layer's training forwards; a forward recomputed during backward
+    (activation checkpointing) reuses the count, hence the mask.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        *,
+        r: int,
+        alpha: float,
+        seed: int,
+        block: tuple[int, int] | None = None,
+        dist: str = "uniform",
+        dropout: float = 0.0,
+        b_blocks: torch.Tensor | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRILinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        block = block_sparse.check_block(block if block is not None else (32, min(r, 32)), r)
+        if dist not in rng.DISTRIBUTIONS:
+            raise ValueError(f"dist must be one of {rng.DISTRIBUTIONS}, got {dist!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
+        self.block, self.dist, self.dropout, self.backend = block, dist, float(dropout), backend
+        device = base_layer.weight.device
+        if b_blocks is None:
+            b_blocks = block_sparse.dense_blocks(self.out_features, r, block)
+        b_blocks = b_blocks.to(device=device, dtype=torch.int32)
+        block_sparse.check_b_blocks(b_blocks, self.out_features, r, block)
+        self.register_buffer("seed", torch.tensor(rng.to_int64(seed), dtype=torch.int64, device=device))
+        self.register_buffer("b_blocks", b_blocks)
+        self.b_values = nn.Parameter(torch.zeros(b_blocks.shape[0], *block, device=device))
+        self.layer_seed = rng.to_uint64(seed)  # a host copy: no device sync per forward
+        self.dropout_calls = 0
+        self.enabled = True
+        self.register_load_state_dict_post_hook(_refresh_layer_seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.b_values.shape[0] == 0:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        p = self.dropout if self.training else 0.0
+        dropout_seed = 0
+        if p > 0:
+            if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
+                self.dropout_calls += 1
+            dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls))
+        y = lori_kernels.lori_linear(
+            x.to(weight.dtype), weight, self.base_layer.bias, self.layer_seed,
+            self.b_values.to(weight.dtype), self.b_blocks, r=self.r, block=self.block,
+            scaling=self.scaling, dist=self.dist, dropout_p=p, dropout_seed=dropout_seed,
+            backend=self.backend,
+        )
+        return y.to(x.dtype)
+
+    def a(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This layer's A ``[r, in]``, regenerated from its seed."""
+        return lori_kernels.generate_a(self.layer_seed, self.r, self.in_features, dist=self.dist, dtype=dtype,
+                                       device=self.b_values.device)
+
+    def b_dense(self) -> torch.Tensor:
+        """This layer's B ``[out, r]`` (float32, zero outside the kept blocks)."""
+        return block_sparse.scatter_blocks(self.b_values.detach().float(), self.b_blocks, self.out_features, self.r)
+
+    def mask(self) -> torch.Tensor:
+        """Bool ``[out, r]``: the elements of B this layer keeps."""
+        return block_sparse.mask_from_blocks(self.b_blocks, self.out_features, self.r, self.block)
+
+    def extra_repr(self) -> str:
+        kept = self.b_blocks.shape[0] / _n_blocks(self)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, block={self.block}, kept={kept:.1%}, dist={self.dist!r}, "
+                f"dropout={self.dropout:g}, seed={self.layer_seed:#018x}")
+
+
+def _n_blocks(layer: LoRILinear) -> int:
+    n_rows, n_cols = block_sparse.block_grid(layer.out_features, layer.r, layer.block)
+    return n_rows * n_cols
+
+
+def _refresh_layer_seed(module: LoRILinear, incompatible_keys) -> None:
+    """After load_state_dict: the host copy of the seed follows the loaded buffer."""
+    module.layer_seed = rng.to_uint64(module.seed)

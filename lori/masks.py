@@ -1,0 +1,131 @@
+"""LoRI masks: extraction from trained (LoRI-D) adapters by global top-k over block
+magnitudes, and saving/loading them.
+
+A mask is a bool ``[out, r]`` per adapted module, keyed by module name. Block ``(1, 1)``
+is the original element-wise LoRI; larger blocks keep whole ``(bo, br)`` blocks, scored
+by their L2 norm.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lori.files import atomic_file
+from lori.model import lori_layers
+from lori_kernels import block_sparse
+
+log = logging.getLogger(__name__)
+
+__all__ = ["extract_masks", "load_masks", "save_masks"]
+
+MASKS_FORMAT = "lori-masks"
+MASKS_VERSION = "1"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain local tensor of a (possibly FSDP-sharded DTensor) parameter."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _block_scores(b: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """L2 norm of every ``block`` of a dense B ``[out, r]``: ``[n_rows, n_cols]``."""
+    bo, br = block
+    out, r = b.shape
+    n_rows = -(-out // bo)
+    padded = torch.nn.functional.pad(b, (0, 0, 0, n_rows * bo - out))
+    return padded.reshape(n_rows, bo, r // br, br).square().sum(dim=(1, 3)).sqrt()
+
+
+def extract_masks(model: torch.nn.Module, sparsity: float, block: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Masks keeping the largest ``1 - sparsity`` of all blocks of all adapted B (global
+    top-k of block L2 norms, exactly ``round((1 - sparsity) * n_blocks)`` kept; ties go to
+    the earlier layer and block). ``block`` defaults to the model's."""
+    layers = lori_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRI adapters to extract masks from")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    first = next(iter(layers.values()))
+    block = block_sparse.check_block(block if block is not None else first.block, first.r)
+    scores = []
+    for name, layer in layers.items():
+        b = block_sparse.scatter_blocks(_full(layer.b_values).detach().float().cpu(), layer.b_blocks.cpu(),
+                                        layer.out_features, layer.r)
+        scores.append(_block_scores(b, block_sparse.check_block(block, layer.r)))
+    flat = torch.cat([s.flatten() for s in scores])
+    n_keep = round((1.0 - sparsity) * flat.numel())
+    kept = torch.zeros(flat.numel(), dtype=torch.bool)
+    kept[torch.sort(flat, descending=True, stable=True).indices[:n_keep]] = True
+    masks, start = {}, 0
+    for (name, layer), s in zip(layers.items(), scores):
+        grid = kept[start:start + s.numel()].reshape(s.shape)
+        start += s.numel()
+        masks[name] = grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:layer.out_features]
+    log.info("masks: kept %d of %d blocks %s (sparsity %.4f) over %d layers",
+             n_keep, flat.numel(), block, 1 - n_keep / flat.numel(), len(layers))
+    return masks
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write masks to a safetensors file (atomically)."""
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask {name} must be a 2-D bool tensor")
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in masks.items()}, tmp,
+                  metadata={"format": MASKS_FORMAT, "version": MASKS_VERSION})
+
+
+_PEFT_PREFIX = "base_model.model."
+_PEFT_SUFFIXES = (".lora_B.default.weight", ".lora_B.weight", ".lora_B.default", ".lora_B")
+
+
+def _module_name(key: str) -> str:
+    """A module name from a mask key written by PEFT-based code (the original LoRI)."""
+    if key.startswith(_PEFT_PREFIX):
+        key = key[len(_PEFT_PREFIX):]
+    for suffix in _PEFT_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Masks from ``save_masks``' safetensors file, or from a ``torch.save``d dict of the
+    original LoRI code (read with ``weights_only=True``: no code runs; PEFT-style keys are
+    reduced to module names; nonzero means kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no masks file at {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            masks = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        if metadata.get("format") != MASKS_FORMAT:
+            raise ValueError(f"{path} is not a LoRI masks file (format {metadata.get('format')!r})")
+        if metadata.get("version") != MASKS_VERSION:
+            raise ValueError(f"{path} has masks format version {metadata.get('version')!r}; this code reads {MASKS_VERSION}")
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for foreign or unsafe files
+            raise ValueError(f"{path} is neither a safetensors masks file nor a weights-only torch file: {e}") from None
+        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+            raise ValueError(f"{path} must hold a dict of module name -> mask tensor")
+        masks = {_module_name(k): v != 0 for k, v in raw.items()}
+    for name, mask in masks.items():
+        if mask.dim() != 2:
+            raise ValueError(f"mask {name} in {path} must be 2-D [out, r], got shape {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask {name} in {path} must be bool, got {mask.dtype}")
+    return {k: v.clone() for k, v in masks.items()}

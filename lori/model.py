@@ -1,0 +1,130 @@
+"""Putting LoRI adapters into a model (any ``nn.Module``, e.g. a Hugging Face causal LM),
+taking them out, and reporting what trains."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from lori.config import LoRIConfig
+from lori.layer import LoRILinear
+from lori_kernels import block_sparse
+from lori_kernels.rng import layer_seed
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "disable_adapters",
+    "get_lori_model",
+    "lori_layers",
+    "print_trainable_parameters",
+    "remove_lori",
+    "set_dropout_calls",
+]
+
+
+def _targets(model: nn.Module, config: LoRIConfig) -> dict[str, nn.Linear]:
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+    }
+
+
+def _check_masks(masks: dict, targets: dict[str, nn.Linear], config: LoRIConfig) -> None:
+    unknown = sorted(set(masks) - set(targets))
+    if unknown:
+        raise ValueError(f"masks name modules that are not adapted: {unknown[:5]} (adapted: {sorted(targets)[:5]}...)")
+    missing = sorted(set(targets) - set(masks))
+    if missing:
+        raise ValueError(f"masks are missing for adapted modules {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, mask in masks.items():
+        want = (targets[name].out_features, config.r)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != want:
+            got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask of {name} must be a bool tensor of shape {list(want)} (out, r), got {got}")
+
+
+def get_lori_model(
+    model: nn.Module, config: LoRIConfig, masks: dict[str, torch.Tensor] | None = None, *, backend: str = "auto"
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose name ends in one of
+    ``config.target_modules`` by a ``LoRILinear`` and freeze everything else; return the
+    model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
+    only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
+    comes from ``layer_seed(config.seed, name)``."""
+    if getattr(model, "lori_config", None) is not None:
+        raise ValueError("the model already has LoRI adapters; remove_lori(model) first")
+    targets = _targets(model, config)
+    if not targets:
+        raise ValueError(f"no nn.Linear module of the model is named one of {list(config.target_modules)}")
+    if masks is not None:
+        _check_masks(masks, targets, config)
+    model.lori_frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for name, linear in targets.items():
+        b_blocks = None
+        if masks is not None:
+            try:
+                b_blocks = block_sparse.blocks_from_mask(masks[name].to(linear.weight.device), config.block)
+            except ValueError as e:
+                raise ValueError(f"mask of {name}: {e}") from None
+        layer = LoRILinear(
+            linear, r=config.r, alpha=config.alpha, seed=layer_seed(config.seed, name), block=config.block,
+            dist=config.dist, dropout=config.dropout, b_blocks=b_blocks, backend=backend,
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.lori_config = config
+    return model
+
+
+def lori_layers(model: nn.Module) -> dict[str, LoRILinear]:
+    """The model's ``LoRILinear`` modules by name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRILinear)}
+
+
+def remove_lori(model: nn.Module) -> nn.Module:
+    """Undo ``get_lori_model``: put the base layers back and restore which parameters
+    trained."""
+    if getattr(model, "lori_config", None) is None:
+        raise ValueError("the model has no LoRI adapters")
+    for name, layer in lori_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(model.lori_frozen.get(name, p.requires_grad))
+    del model.lori_config, model.lori_frozen
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run the model as its base (every LoRILinear passes through) inside the block."""
+    layers = list(lori_layers(model).values())
+    states = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
+
+
+def set_dropout_calls(model: nn.Module, calls: int) -> None:
+    """Set every layer's count of dropout forwards (restoring a run: the next forward
+    draws the masks it would have drawn)."""
+    for layer in lori_layers(model).values():
+        layer.dropout_calls = calls
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Log, like PEFT, the trainable and total parameter counts; return them."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
+             f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return trainable, total

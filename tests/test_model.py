@@ -1,0 +1,191 @@
+"""LoRILinear and its injection into Hugging Face causal LMs (tiny configs built here)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import lori
+from lori import LoRIConfig, LoRILinear
+from lori_kernels import block_sparse, rng
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_model(kind="llama", seed=0):
+    torch.manual_seed(seed)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    return model_cls(config_cls(**TINY)).eval()
+
+
+def randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for layer in lori.lori_layers(model).values():
+        with torch.no_grad():
+            layer.b_values.copy_(torch.randn(layer.b_values.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_injection_into_hf_models(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 97, (2, 9))
+    before = model(ids).logits
+    config = LoRIConfig(r=8, block=(16, 8), seed=5)
+    lori.get_lori_model(model, config)
+    layers = lori.lori_layers(model)
+    assert len(layers) == 7 * 2
+    assert all(isinstance(m, LoRILinear) for m in layers.values())
+    for name, layer in layers.items():
+        assert layer.layer_seed == rng.layer_seed(5, name)
+        assert layer.layer_seed == rng.to_uint64(layer.seed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.b_values" for n in layers}
+    torch.testing.assert_close(model(ids).logits, before)  # B = 0 at creation
+    randomize_b(model)
+    after = model(ids).logits
+    assert not torch.allclose(after, before)
+    with lori.disable_adapters(model):
+        torch.testing.assert_close(model(ids).logits, before)
+    lori.remove_lori(model)
+    assert not lori.lori_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_same_outputs_as_peft_with_the_same_a_and_b():
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 97, (2, 9))
+    ours = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8)))
+    randomize_b(ours)
+    theirs = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(lori.DEFAULT_TARGET_MODULES)))
+    with torch.no_grad():
+        for name, layer in lori.lori_layers(ours).items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.a())
+            peft_layer.lora_B["default"].weight.copy_(layer.b_dense())
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits)
+
+
+def test_masks_make_lori_s():
+    model = tiny_model()
+    config = LoRIConfig(r=8, block=(16, 8))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules]
+    masks = {}
+    for i, name in enumerate(names):
+        out = model.get_submodule(name).out_features
+        mask = torch.zeros(out, 8, dtype=torch.bool)
+        mask[16 * (i % 2): 16 * (i % 2) + 16] = True
+        masks[name] = mask
+    lori.get_lori_model(model, config, masks=masks)
+    for name, layer in lori.lori_layers(model).items():
+        assert layer.b_values.shape == (1, 16, 8)
+        assert torch.equal(layer.mask(), masks[name])
+    trainable, total = lori.print_trainable_parameters(model)
+    assert trainable == len(names) * 16 * 8
+
+
+def test_bad_masks_and_configs_are_named():
+    config = LoRIConfig(r=8, block=(16, 8))
+    names = [n for n, m in tiny_model().named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("proj")]
+    full = {n: torch.ones(tiny_model().get_submodule(n).out_features, 8, dtype=torch.bool) for n in names}
+    with pytest.raises(ValueError, match="masks are missing for adapted modules"):
+        lori.get_lori_model(tiny_model(), config, masks=dict(list(full.items())[:3]))
+    with pytest.raises(ValueError, match="not adapted"):
+        lori.get_lori_model(tiny_model(), config, masks={**full, "lm_head": torch.ones(97, 8, dtype=torch.bool)})
+    bad = dict(full)
+    bad[names[0]] = torch.ones(5, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=rf"mask of {names[0]} must be a bool tensor of shape"):
+        lori.get_lori_model(tiny_model(), config, masks=bad)
+    partial = dict(full)
+    partial[names[0]] = full[names[0]].clone()
+    partial[names[0]][0, 0] = False
+    with pytest.raises(ValueError, match=rf"mask of {names[0]}: mask is not made of whole \(16, 8\) blocks"):
+        lori.get_lori_model(tiny_model(), config, masks=partial)
+    with pytest.raises(ValueError, match="no nn.Linear module of the model is named"):
+        lori.get_lori_model(tiny_model(), LoRIConfig(r=8, target_modules=["nope"]))
+    model = lori.get_lori_model(tiny_model(), config)
+    with pytest.raises(ValueError, match="already has LoRI adapters"):
+        lori.get_lori_model(model, config)
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        LoRILinear(torch.nn.Conv1d(3, 3, 1), r=4, alpha=8, seed=0)
+
+
+def test_state_dict_carries_seed_and_blocks():
+    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=1))
+    randomize_b(model)
+    state = {k: v for k, v in model.state_dict().items() if k.endswith(("seed", "b_values", "b_blocks"))}
+    assert len(state) == 3 * 14
+    other = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=2))
+    other.load_state_dict(state, strict=False)
+    for name, layer in lori.lori_layers(other).items():
+        assert layer.layer_seed == rng.layer_seed(1, name)  # the host copy follows the buffer
+    ids = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(other(ids).logits, model(ids).logits)
+
+
+def test_dropout_under_activation_checkpointing():
+    """With dropout, a checkpointed model recomputes the same masks: same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), dropout=0.3)).train()
+        randomize_b(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([layer.b_values.grad.clone() for layer in lori.lori_layers(model).values()])
+        assert all(layer.dropout_calls == 1 for layer in lori.lori_layers(model).values())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_masks_change_between_steps_and_not_in_eval():
+    layer = LoRILinear(torch.nn.Linear(32, 32), r=8, alpha=16, seed=3, block=(16, 8), dropout=0.5)
+    with torch.no_grad():
+        layer.b_values.normal_()
+    x = torch.randn(4, 32)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_one_adamw_step_equals_peft_with_masked_gradient():
+    """LoRI-S on compact b_values takes the step of the original LoRI: PEFT LoRA with B
+    dense, A frozen, B's gradient masked, AdamW (weight decay 0)."""
+    peft = pytest.importorskip("peft")
+    config = LoRIConfig(r=8, block=(16, 8))
+    model = tiny_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(tuple(config.target_modules))]
+    g = torch.Generator().manual_seed(3)
+    masks = {}
+    for n in names:
+        out = model.get_submodule(n).out_features
+        rows = torch.rand(-(-out // 16), generator=g) < 0.5
+        masks[n] = rows.repeat_interleave(16)[:out, None].expand(out, 8).clone()
+    ours = lori.get_lori_model(model, config, masks=masks).train()
+    randomize_b(ours)
+    theirs = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(config.target_modules))).train()
+    with torch.no_grad():
+        for name, layer in lori.lori_layers(ours).items():
+            p = theirs.base_model.model.get_submodule(name)
+            p.lora_A["default"].weight.copy_(layer.a())
+            p.lora_A["default"].weight.requires_grad_(False)
+            p.lora_B["default"].weight.copy_(layer.b_dense())
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(2):
+        for model_, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            model_(input_ids=ids, labels=ids).loss.backward()
+            if model_ is theirs:
+                for name in names:
+                    b = theirs.base_model.model.get_submodule(name).lora_B["default"].weight
+                    b.grad.mul_(masks[name])
+            opt.step()
+    for name, layer in lori.lori_layers(ours).items():
+        peft_b = theirs.base_model.model.get_submodule(name).lora_B["default"].weight
+        torch.testing.assert_close(layer.b_dense(), peft_b.detach() * masks[name], rtol=1e-4, atol=1e-6)
+        assert torch.equal(peft_b.detach()[~masks[name]], torch.zeros_like(peft_b)[~masks[name]])
