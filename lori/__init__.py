@@ -7,6 +7,7 @@ from lori.layer import LoRILinear
 from lori.masks import extract_masks, load_masks, save_masks
 from lori.model import (
     disable_adapters,
+    enable_activation_checkpointing,
     get_lori_model,
     lori_layers,
     print_trainable_parameters,
@@ -20,6 +21,7 @@ __all__ = [
     "LoRIConfig",
     "LoRILinear",
     "disable_adapters",
+    "enable_activation_checkpointing",
     "extract_masks",
     "get_lori_model",
     "load_lori",

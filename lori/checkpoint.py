@@ -31,7 +31,10 @@ from lori_kernels import block_sparse, rng
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_FILE", "TENSORS_FILE", "CheckpointError", "base_fingerprint", "load_lori", "read_lori", "save_lori"]
+__all__ = [
+    "CONFIG_FILE", "TENSORS_FILE", "AdapterSnapshot", "CheckpointError", "base_fingerprint", "load_lori", "read_lori",
+    "save_lori",
+]
 
 FORMAT = "lori-adapter"
 FORMAT_VERSION = 1
@@ -64,32 +67,52 @@ def _base_id(model: torch.nn.Module) -> str:
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
 
+def _is_writer() -> bool:
+    """Whether this process writes files: the only one, or rank 0 of a process group."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class AdapterSnapshot:
+    """A model's adapter gathered to CPU (collective under FSDP: every rank takes one),
+    ready to be written into a directory."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
+        config = getattr(model, "lori_config", None)
+        layers = lori_layers(model)
+        if config is None or not layers:
+            raise ValueError("the model has no LoRI adapters to save")
+        self.tensors, shapes = {}, {}
+        for name, layer in layers.items():
+            values = _full(layer.b_values).detach()
+            self.tensors[f"{name}.seed"] = layer.seed.detach().reshape(1).cpu()
+            self.tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
+            self.tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
+            shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
+        self.manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "rng": rng.RNG_VERSION, "config": config.to_dict(),
+            "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)}, "layers": shapes,
+        }
+
+    def write(self, directory: Path) -> None:
+        """Write the two files into an existing directory."""
+        save_file(self.tensors, directory / TENSORS_FILE)
+        digest = hashlib.sha256((directory / TENSORS_FILE).read_bytes()).hexdigest()
+        (directory / CONFIG_FILE).write_text(json.dumps({**self.manifest, "adapter_sha256": digest}, indent=1))
+
+
 def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write the model's LoRI adapter to the directory ``path`` (replacing it atomically);
-    ``b_values`` are stored in ``dtype`` (default: as trained). Returns ``path``."""
-    config = getattr(model, "lori_config", None)
-    layers = lori_layers(model)
-    if config is None or not layers:
-        raise ValueError("the model has no LoRI adapters to save")
-    tensors, shapes = {}, {}
-    for name, layer in layers.items():
-        values = _full(layer.b_values).detach()
-        tensors[f"{name}.seed"] = layer.seed.detach().reshape(1).cpu()
-        tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
-        tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
-        shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
+    ``b_values`` are stored in ``dtype`` (default: as trained). Under FSDP every rank
+    calls it and rank 0 writes. Returns ``path``."""
+    snapshot = AdapterSnapshot(model, dtype)
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(tensors, tmp / TENSORS_FILE)
-        digest = hashlib.sha256((tmp / TENSORS_FILE).read_bytes()).hexdigest()
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "rng": rng.RNG_VERSION,
-            "config": config.to_dict(), "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)},
-            "layers": shapes, "adapter_sha256": digest,
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=1))
-    log.info("saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s", len(layers),
-             sum(s["nnz"] for s in shapes.values()), (path / TENSORS_FILE).stat().st_size, path)
+    if _is_writer():
+        with atomic_dir(path) as tmp:
+            snapshot.write(tmp)
+        log.info("saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s", len(snapshot.manifest["layers"]),
+                 sum(s["nnz"] for s in snapshot.manifest["layers"].values()), (path / TENSORS_FILE).stat().st_size, path)
     return path
 
 

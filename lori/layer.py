@@ -21,9 +21,10 @@ class LoRILinear(nn.Module):
     ``b_blocks`` every block is kept (LoRI-D). ``b_values`` is float32 (the optimizer's
     master copy) and cast to the base weight's dtype in forward.
 
-    Dropout (training only) draws its mask from a seed derived from the layer's seed and a
-    count of the layer's training forwards; a forward recomputed during backward
-    (activation checkpointing) reuses the count, hence the mask.
+    Dropout (training only) draws its mask from a seed derived from the layer's seed, the
+    process's rank (data-parallel ranks draw different masks) and a count of the layer's
+    training forwards; a forward recomputed during backward (activation checkpointing)
+    reuses the count, hence the mask.
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class LoRILinear(nn.Module):
         if p > 0:
             if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
                 self.dropout_calls += 1
-            dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls))
+            dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls + (_rank() << 40)))
         y = lori_kernels.lori_linear(
             x.to(weight.dtype), weight, self.base_layer.bias, self.layer_seed,
             self.b_values.to(weight.dtype), self.b_blocks, r=self.r, block=self.block,
@@ -100,6 +101,11 @@ class LoRILinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, block={self.block}, kept={kept:.1%}, dist={self.dist!r}, "
                 f"dropout={self.dropout:g}, seed={self.layer_seed:#018x}")
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _n_blocks(layer: LoRILinear) -> int:

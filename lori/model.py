@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "disable_adapters",
+    "enable_activation_checkpointing",
     "get_lori_model",
     "lori_layers",
     "print_trainable_parameters",
@@ -119,6 +120,16 @@ def set_dropout_calls(model: nn.Module, calls: int) -> None:
     draws the masks it would have drawn)."""
     for layer in lori_layers(model).values():
         layer.dropout_calls = calls
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a Hugging Face model's decoder layers
+    (transformers 5 renamed the call); LoRILinear's dropout recomputes the same masks."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -131,7 +131,7 @@ def test_dropout_under_activation_checkpointing():
         model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), dropout=0.3)).train()
         randomize_b(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lori.enable_activation_checkpointing(model)
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([layer.b_values.grad.clone() for layer in lori.lori_layers(model).values()])

@@ -1,0 +1,344 @@
+"""Training LoRI adapters (LoRI-D, or LoRI-S with masks), single process or FSDP2.
+
+The same code runs alone or under ``torchrun``/``accelerate launch``: with a world size
+above one it shards the model with ``torch.distributed.fsdp.fully_shard`` (each decoder
+layer, then the root; gloo on CPU, NCCL on GPUs). Only the compact ``b_values`` train, so
+gradients and AdamW state are proportional to the kept blocks.
+
+A run is reproducible and resumable: the data order comes from a seed, the loss of a
+step is the sum over every response token of the global batch divided by their count
+(the same with any number of processes), and checkpoints hold the adapter, the optimizer
+state (safetensors), the schedule and the dropout counts, so a restarted run continues
+the same loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lori.checkpoint import AdapterSnapshot, load_lori, save_lori
+from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
+from lori.data import IGNORE_INDEX, collate, load_examples, tokenize_example
+from lori.files import atomic_dir
+from lori.masks import load_masks
+from lori.model import enable_activation_checkpointing, get_lori_model, print_trainable_parameters, set_dropout_calls
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train"]
+
+# The original LoRI recipe's learning rates at r 32: LoRI-D (dense B) and LoRI-S (masked B).
+LR_LORI_D, LR_LORI_S = 5e-5, 5e-4
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``lr=None`` takes the LoRI recipe's rate for the stage."""
+
+    model: str = field(metadata={"help": "Local directory of the base model (Hugging Face format)."})
+    data: str = field(metadata={"help": "Local .json/.jsonl/.parquet file with prompt/response fields."})
+    output: str = field(metadata={"help": "Run directory: adapter/ at the end, checkpoints/ on the way."})
+    masks: str | None = field(default=None, metadata={"help": "Masks file: train LoRI-S (B restarts from zero)."})
+    r: int = field(default=32, metadata={"help": "Adapter rank."})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2r)."})
+    block: tuple[int, int] | None = field(default=None, metadata={"help": "Block (bo, br) of B (default (32, min(r, 32)))."})
+    dist: str = field(default="uniform", metadata={"help": "Distribution of A."})
+    seed: int = field(default=0, metadata={"help": "Model-wide adapter seed (A of every layer)."})
+    dropout: float = field(default=0.0, metadata={"help": "Adapter input dropout."})
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES, metadata={"help": "Adapted modules."})
+    lr: float | None = field(default=None, metadata={"help": f"Peak learning rate (default {LR_LORI_D} D, {LR_LORI_S} S)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    schedule: str = field(default="cosine", metadata={"help": "'constant' or 'cosine' after warm-up."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps of linear warm-up."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per process per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_length: int = field(default=512, metadata={"help": "Tokens kept per example."})
+    clip_grad: float | None = field(default=1.0, metadata={"help": "Gradient-norm clip (None: off)."})
+    clip_mode: str = field(default="global", metadata={"help": "'global' (one norm) or 'per_tensor'."})
+    precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', or 'auto' (bf16 on GPU)."})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: no checkpoints)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many of the latest checkpoints to keep."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output."})
+    log_every: int = field(default=10, metadata={"help": "Log the loss every N steps."})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the data order."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    backend: str = field(default="auto", metadata={"help": "lori_linear backend."})
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.clip_mode not in ("global", "per_tensor"):
+            raise ValueError(f"clip_mode must be 'global' or 'per_tensor', got {self.clip_mode!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+    def lori_config(self) -> LoRIConfig:
+        return LoRIConfig(r=self.r, alpha=self.alpha, target_modules=self.target_modules, block=self.block,
+                          dist=self.dist, seed=self.seed, dropout=self.dropout)
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (LR_LORI_S if self.masks else LR_LORI_D)
+
+
+class _World:
+    """Rank, size and device of this process; starts the process group under torchrun."""
+
+    def __init__(self):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self.started = False
+        if self.size > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.started = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.started:
+            dist.destroy_process_group()
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP shards one by one: those the model names as not to be split."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard (no _no_split_modules)")
+    return layers
+
+
+def _shard(model: torch.nn.Module, world: _World, bf16: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _load_model(model_cls, path: str, dtype: torch.dtype):
+    """``from_pretrained`` in ``dtype`` (transformers 5 calls the argument ``dtype``, 4.x
+    ``torch_dtype``)."""
+    import transformers
+
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return model_cls.from_pretrained(path, **{key: dtype})
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the response tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _clip(params: list[torch.Tensor], max_norm: float, mode: str) -> None:
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    root = output / "checkpoints"
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _resume_fields(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    keep = ("model", "data", "masks", "r", "alpha", "block", "dist", "seed", "dropout", "target_modules", "lr",
+            "weight_decay", "schedule", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
+            "max_length", "data_seed")
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps({k: d[k] for k in keep}))
+
+
+def _save_checkpoint(model, optimizer, scheduler, cfg, world, step, micro_steps, losses, path: Path) -> None:
+    """Adapter, optimizer state and run state under ``path`` (collective; rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapter = AdapterSnapshot(model)
+    if world.main:
+        tensors = {f"{fqn}/{key}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+                   for fqn, entry in osd["state"].items() for key, v in entry.items() if torch.is_tensor(v)}
+        state = {"step": step, "micro_steps": micro_steps, "world_size": world.size, "losses": losses,
+                 "scheduler": scheduler.state_dict(), "config": _resume_fields(cfg),
+                 "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+                                  for g in osd["param_groups"]]}
+        with atomic_dir(path) as tmp:
+            adapter.write(tmp)
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        for old in _checkpoints(path.parent.parent)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        log.info("checkpoint at step %d -> %s", step, path)
+    world.barrier()
+
+
+def _load_checkpoint(model, optimizer, scheduler, cfg, path: Path) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["config"] != _resume_fields(cfg):
+        changed = sorted(k for k in state["config"] if state["config"][k] != _resume_fields(cfg).get(k))
+        raise ValueError(f"cannot resume from {path}: the run's settings changed ({changed})")
+    load_lori(model, path)
+    tensors = load_file(path / OPTIMIZER_FILE)
+    osd_state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        fqn, name = key.rsplit("/", 1)
+        osd_state.setdefault(fqn, {})[name] = value.reshape(()) if name == "step" else value
+    osd = {"state": osd_state, "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    set_dropout_calls(model, state["micro_steps"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state
+
+
+# --- the run ---------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Run ``cfg``; return ``{"losses": [loss per step], "adapter": path, "steps": n}``.
+    Under torchrun every process calls it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world = _World()
+    try:
+        return _train(cfg, world, AutoModelForCausalLM, AutoTokenizer)
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainConfig, world: _World, model_cls, tokenizer_cls) -> dict:
+    torch.manual_seed(cfg.seed)
+    output = Path(cfg.output)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
+    tokenizer = tokenizer_cls.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = _load_model(model_cls, cfg.model, torch.bfloat16 if bf16 and world.size == 1 else torch.float32)
+    model.to(world.device)
+    masks = load_masks(cfg.masks) if cfg.masks else None
+    get_lori_model(model, cfg.lori_config(), masks=masks, backend=cfg.backend)
+    if world.main:
+        print_trainable_parameters(model)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if world.size > 1:
+        _shard(model, world, bf16)
+    model.train()
+
+    examples = [tokenize_example(tokenizer, e, cfg.max_length) for e in load_examples(cfg.data)]
+    per_step = cfg.batch_size * world.size * cfg.grad_accum
+    steps_per_epoch = len(examples) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} examples are fewer than one optimizer step's {per_step}")
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else cfg.max_steps
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr(), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, round(cfg.warmup_ratio * total), cfg.schedule))
+
+    start, losses = 0, []
+    if cfg.resume and (found := _checkpoints(output)):
+        state = _load_checkpoint(model, optimizer, scheduler, cfg, found[-1])
+        start, losses = state["step"], state["losses"]
+
+    def micro_batches(step: int):
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.data_seed + epoch))
+        chosen = order[index * per_step:(index + 1) * per_step].tolist()
+        for a in range(cfg.grad_accum):
+            first = (a * world.size + world.rank) * cfg.batch_size
+            yield collate([examples[i] for i in chosen[first:first + cfg.batch_size]], pad_id)
+
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not (cfg.progress and world.main))
+    for step in bar:
+        batches = [{k: v.to(world.device) for k, v in b.items()} for b in micro_batches(step)]
+        tokens = world.all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+        step_loss = 0.0
+        for a, batch in enumerate(batches):
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(a == len(batches) - 1)
+            loss_sum, _ = _loss_sum(model, batch)
+            (loss_sum * (world.size / tokens)).backward()
+            step_loss += loss_sum.item()
+        if cfg.clip_grad is not None:
+            _clip(params, cfg.clip_grad, cfg.clip_mode)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(world.all_sum(step_loss) / tokens)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        done = step + 1
+        if world.main and (done % cfg.log_every == 0 or done == total):
+            log.info("step %d/%d loss %.4f lr %.3g", done, total, losses[-1], scheduler.get_last_lr()[0])
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            _save_checkpoint(model, optimizer, scheduler, cfg, world, done, done * cfg.grad_accum, losses,
+                             output / "checkpoints" / f"step-{done:07d}")
+    adapter = save_lori(model, output / "adapter")
+    world.barrier()
+    return {"losses": losses, "adapter": str(adapter), "steps": total}
