@@ -140,3 +140,11 @@ def test_bad_training_settings_are_named(world, tmp_path, changes, message):
 def test_too_little_data_is_named(world, tmp_path):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         train(config(world, tmp_path / "x", batch_size=200))
+
+
+def test_bf16_mixed_precision_single_process(world, tmp_path):
+    """bf16 base weights, float32 b_values (the optimizer's master copy)."""
+    result = train(config(world, tmp_path / "bf16", precision="bf16", max_steps=4))
+    model = lori.load_lori(toy_base(world), result["adapter"])
+    assert all(layer.b_values.dtype == torch.float32 for layer in lori.lori_layers(model).values())
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
