@@ -18,12 +18,8 @@ namespace {
 
 void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
                 const at::Tensor& b_blocks, double scaling) {
-  check_matrix("expand_", "y", y);
-  check_matrix("expand_", "h", h);
-  check_like("expand_", "h", h, "y", y);
-  check_rows("expand_", "h", h, "y", y);
+  const BlockLayout layout = check_expand(y, h, b_values, b_blocks);
   const int64_t out = y.size(1), r = h.size(1);
-  const BlockLayout layout = check_b("expand_", b_values, b_blocks, out, r, "y", y);
   check_block_indices_cpu("expand_", b_blocks, layout);
   if (layout.nnz == 0 || y.size(0) == 0) {
     return;
@@ -47,9 +43,8 @@ void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
 
 at::Tensor expand_backward_cpu(const at::Tensor& dy, const at::Tensor& b_values,
                                const at::Tensor& b_blocks, int64_t r, double scaling) {
-  check_matrix("expand_backward", "dy", dy);
+  const BlockLayout layout = check_expand_backward(dy, b_values, b_blocks, r);
   const int64_t out = dy.size(1);
-  const BlockLayout layout = check_b("expand_backward", b_values, b_blocks, out, r, "dy", dy);
   check_block_indices_cpu("expand_backward", b_blocks, layout);
   if (layout.nnz > 0 && dy.size(0) > 0 && use_dense_b(layout, out, r)) {
     return at::mm(dy, dense_b(b_values, b_blocks, layout, out, r)).mul_(scaling);

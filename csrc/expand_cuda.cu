@@ -81,12 +81,8 @@ __global__ void expand_backward_kernel(scalar_t* __restrict__ g, const scalar_t*
 
 void expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
                  const at::Tensor& b_blocks, double scaling) {
-  check_matrix("expand_", "y", y);
-  check_matrix("expand_", "h", h);
-  check_like("expand_", "h", h, "y", y);
-  check_rows("expand_", "h", h, "y", y);
+  const BlockLayout layout = check_expand(y, h, b_values, b_blocks);
   const int64_t out = y.size(1), r = h.size(1);
-  const BlockLayout layout = check_b("expand_", b_values, b_blocks, out, r, "y", y);
   if (layout.nnz == 0 || y.size(0) == 0) {
     return;
   }
@@ -104,9 +100,8 @@ void expand_cuda(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
 
 at::Tensor expand_backward_cuda(const at::Tensor& dy, const at::Tensor& b_values,
                                 const at::Tensor& b_blocks, int64_t r, double scaling) {
-  check_matrix("expand_backward", "dy", dy);
+  const BlockLayout layout = check_expand_backward(dy, b_values, b_blocks, r);
   const int64_t out = dy.size(1);
-  const BlockLayout layout = check_b("expand_backward", b_values, b_blocks, out, r, "dy", dy);
   const c10::cuda::CUDAGuard guard(dy.device());
   at::Tensor g = at::empty({dy.size(0), r}, dy.options());
   if (dy.size(0) == 0) {

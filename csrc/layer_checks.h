@@ -76,6 +76,50 @@ inline BlockLayout check_b(const char* op, const at::Tensor& b_values, const at:
   return layout;
 }
 
+// The arguments of each layer op, shared by its CPU and CUDA implementations.
+
+// `t` is an activation [M, *] beside `ref`: 2-D, contiguous, same dtype, device and rows.
+inline void check_beside(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                         const at::Tensor& ref) {
+  check_matrix(op, name, t);
+  check_like(op, name, t, ref_name, ref);
+  check_rows(op, name, t, ref_name, ref);
+}
+
+// shrink(x, seed, r, dist, dropout_p, ...): float32(dropout_p).
+inline float check_shrink(const at::Tensor& x, int64_t r, double dropout_p) {
+  check_matrix("shrink", "x", x);
+  TORCH_CHECK(r > 0, "shrink: r must be positive, got ", r);
+  return check_dropout("shrink", dropout_p);
+}
+
+// shrink_backward_(dx, g, seed, dist, dropout_p, ...): float32(dropout_p).
+inline float check_shrink_backward(const at::Tensor& dx, const at::Tensor& g, double dropout_p) {
+  check_matrix("shrink_backward_", "dx", dx);
+  check_beside("shrink_backward_", "g", g, "dx", dx);
+  return check_dropout("shrink_backward_", dropout_p);
+}
+
+inline BlockLayout check_expand(const at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
+                                const at::Tensor& b_blocks) {
+  check_matrix("expand_", "y", y);
+  check_beside("expand_", "h", h, "y", y);
+  return check_b("expand_", b_values, b_blocks, y.size(1), h.size(1), "y", y);
+}
+
+inline BlockLayout check_expand_backward(const at::Tensor& dy, const at::Tensor& b_values,
+                                         const at::Tensor& b_blocks, int64_t r) {
+  check_matrix("expand_backward", "dy", dy);
+  return check_b("expand_backward", b_values, b_blocks, dy.size(1), r, "dy", dy);
+}
+
+inline BlockLayout check_sddmm(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& b_blocks,
+                               int64_t bo, int64_t br) {
+  check_matrix("sddmm", "dy", dy);
+  check_beside("sddmm", "h", h, "dy", dy);
+  return check_layout("sddmm", b_blocks, bo, br, dy.size(1), h.size(1), "dy", dy);
+}
+
 }  // namespace lori
 
 namespace lori {

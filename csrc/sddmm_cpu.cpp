@@ -15,12 +15,8 @@ namespace {
 
 at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& b_blocks,
                      int64_t bo, int64_t br, double scaling) {
-  check_matrix("sddmm", "dy", dy);
-  check_matrix("sddmm", "h", h);
-  check_like("sddmm", "h", h, "dy", dy);
-  check_rows("sddmm", "h", h, "dy", dy);
+  const BlockLayout layout = check_sddmm(dy, h, b_blocks, bo, br);
   const int64_t out = dy.size(1), r = h.size(1);
-  const BlockLayout layout = check_layout("sddmm", b_blocks, bo, br, out, r, "dy", dy);
   check_block_indices_cpu("sddmm", b_blocks, layout);
   if (layout.nnz > 0 && dy.size(0) > 0 && use_dense_b(layout, out, r)) {
     return gather_b(at::mm(dy.t(), h), b_blocks, layout).mul_(scaling);

@@ -46,12 +46,8 @@ __global__ void sddmm_kernel(at::opmath_type<scalar_t>* __restrict__ partial,
 
 at::Tensor sddmm_cuda(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& b_blocks, int64_t bo,
                       int64_t br, double scaling) {
-  check_matrix("sddmm", "dy", dy);
-  check_matrix("sddmm", "h", h);
-  check_like("sddmm", "h", h, "dy", dy);
-  check_rows("sddmm", "h", h, "dy", dy);
+  const BlockLayout layout = check_sddmm(dy, h, b_blocks, bo, br);
   const int64_t M = dy.size(0), out = dy.size(1), r = h.size(1);
-  const BlockLayout layout = check_layout("sddmm", b_blocks, bo, br, out, r, "dy", dy);
   const c10::cuda::CUDAGuard guard(dy.device());
   if (layout.nnz == 0 || M == 0) {
     return at::zeros({layout.nnz, bo, br}, dy.options());

@@ -45,9 +45,7 @@ void apply_dropout(const at::Tensor& src, at::Tensor& dst, uint64_t seed, float 
 
 at::Tensor shrink_cpu(const at::Tensor& x, int64_t seed, int64_t r, c10::string_view dist,
                       double dropout_p, int64_t dropout_seed) {
-  check_matrix("shrink", "x", x);
-  TORCH_CHECK(r > 0, "shrink: r must be positive, got ", r);
-  const float p32 = check_dropout("shrink", dropout_p);
+  const float p32 = check_shrink(x, r, dropout_p);
   const at::Tensor a = a_matrix(seed, r, x.size(1), parse_dist("shrink", {dist.data(), dist.size()}),
                                 x.scalar_type());
   if (p32 == 0.0f) {
@@ -60,11 +58,7 @@ at::Tensor shrink_cpu(const at::Tensor& x, int64_t seed, int64_t r, c10::string_
 
 void shrink_backward_cpu(at::Tensor& dx, const at::Tensor& g, int64_t seed, c10::string_view dist,
                          double dropout_p, int64_t dropout_seed) {
-  check_matrix("shrink_backward_", "dx", dx);
-  check_matrix("shrink_backward_", "g", g);
-  check_like("shrink_backward_", "g", g, "dx", dx);
-  check_rows("shrink_backward_", "g", g, "dx", dx);
-  const float p32 = check_dropout("shrink_backward_", dropout_p);
+  const float p32 = check_shrink_backward(dx, g, dropout_p);
   const at::Tensor a = a_matrix(seed, g.size(1), dx.size(1),
                                 parse_dist("shrink_backward_", {dist.data(), dist.size()}), dx.scalar_type());
   if (p32 == 0.0f) {

@@ -25,9 +25,9 @@ struct RngArgs {
   bool dropout;
 };
 
-RngArgs rng_args(const char* op, int64_t seed, int64_t d_in, c10::string_view dist, double dropout_p,
+// `p32` is the checked float32(dropout_p).
+RngArgs rng_args(const char* op, int64_t seed, int64_t d_in, c10::string_view dist, float p32,
                  int64_t dropout_seed) {
-  const float p32 = check_dropout(op, dropout_p);
   const ATile a = make_a_tile(d_in, 0, 1, 0, d_in, parse_dist(op, {dist.data(), dist.size()}));
   return RngArgs{static_cast<uint64_t>(seed), static_cast<uint64_t>(dropout_seed), a.bound, p32,
                  dropout_scale(p32), a.dist, p32 > 0.0f};
@@ -111,9 +111,8 @@ __global__ void shrink_backward_kernel(scalar_t* __restrict__ dx, const scalar_t
 
 at::Tensor shrink_cuda(const at::Tensor& x, int64_t seed, int64_t r, c10::string_view dist,
                        double dropout_p, int64_t dropout_seed) {
-  check_matrix("shrink", "x", x);
-  TORCH_CHECK(r > 0, "shrink: r must be positive, got ", r);
-  const RngArgs rng = rng_args("shrink", seed, x.size(1), dist, dropout_p, dropout_seed);
+  const float p32 = check_shrink(x, r, dropout_p);
+  const RngArgs rng = rng_args("shrink", seed, x.size(1), dist, p32, dropout_seed);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor h = at::empty({x.size(0), r}, x.options());
   if (x.size(0) == 0) {
@@ -130,11 +129,8 @@ at::Tensor shrink_cuda(const at::Tensor& x, int64_t seed, int64_t r, c10::string
 
 void shrink_backward_cuda(at::Tensor& dx, const at::Tensor& g, int64_t seed, c10::string_view dist,
                           double dropout_p, int64_t dropout_seed) {
-  check_matrix("shrink_backward_", "dx", dx);
-  check_matrix("shrink_backward_", "g", g);
-  check_like("shrink_backward_", "g", g, "dx", dx);
-  check_rows("shrink_backward_", "g", g, "dx", dx);
-  const RngArgs rng = rng_args("shrink_backward_", seed, dx.size(1), dist, dropout_p, dropout_seed);
+  const float p32 = check_shrink_backward(dx, g, dropout_p);
+  const RngArgs rng = rng_args("shrink_backward_", seed, dx.size(1), dist, p32, dropout_seed);
   if (dx.size(0) == 0) {
     return;
   }
