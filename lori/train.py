@@ -177,13 +177,16 @@ def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
     return factor
 
 
-def _loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the response tokens, and their count."""
+def _response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken on (labels are predicted one position ahead)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the response tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
 
 
 def _clip(params: list[torch.Tensor], max_norm: float, mode: str) -> None:
@@ -264,22 +267,22 @@ def _load_checkpoint(model, optimizer, scheduler, cfg, path: Path) -> dict:
 def train(cfg: TrainConfig) -> dict:
     """Run ``cfg``; return ``{"losses": [loss per step], "adapter": path, "steps": n}``.
     Under torchrun every process calls it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     world = _World()
     try:
-        return _train(cfg, world, AutoModelForCausalLM, AutoTokenizer)
+        return _train(cfg, world)
     finally:
         world.close()
 
 
-def _train(cfg: TrainConfig, world: _World, model_cls, tokenizer_cls) -> dict:
+def _train(cfg: TrainConfig, world: _World) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
-    tokenizer = tokenizer_cls.from_pretrained(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = _load_model(model_cls, cfg.model, torch.bfloat16 if bf16 and world.size == 1 else torch.float32)
+    model = _load_model(AutoModelForCausalLM, cfg.model, torch.bfloat16 if bf16 and world.size == 1 else torch.float32)
     model.to(world.device)
     masks = load_masks(cfg.masks) if cfg.masks else None
     get_lori_model(model, cfg.lori_config(), masks=masks, backend=cfg.backend)
@@ -318,12 +321,15 @@ def _train(cfg: TrainConfig, world: _World, model_cls, tokenizer_cls) -> dict:
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not (cfg.progress and world.main))
     for step in bar:
         batches = [{k: v.to(world.device) for k, v in b.items()} for b in micro_batches(step)]
-        tokens = world.all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+        tokens = world.all_sum(sum(_response_tokens(b) for b in batches))
+        if tokens == 0:
+            raise ValueError(f"step {step + 1} has no response tokens: is max_length ({cfg.max_length}) "
+                             "shorter than the prompts?")
         step_loss = 0.0
         for a, batch in enumerate(batches):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(a == len(batches) - 1)
-            loss_sum, _ = _loss_sum(model, batch)
+            loss_sum = _loss_sum(model, batch)
             (loss_sum * (world.size / tokens)).backward()
             step_loss += loss_sum.item()
         if cfg.clip_grad is not None:

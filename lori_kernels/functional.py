@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from types import ModuleType
+
+import torch
 
 from lori_kernels import _extension, backends, rng
 from lori_kernels.fused_layer import LayerKernels

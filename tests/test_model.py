@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import lori
 from lori import LoRIConfig, LoRILinear
-from lori_kernels import block_sparse, rng
+from lori_kernels import rng
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)

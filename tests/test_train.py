@@ -12,7 +12,6 @@ import torch
 
 import lori
 from lori import toy
-from lori.cli import main
 from lori.train import TrainConfig, train
 
 
@@ -140,6 +139,8 @@ def test_bad_training_settings_are_named(world, tmp_path, changes, message):
 def test_too_little_data_is_named(world, tmp_path):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         train(config(world, tmp_path / "x", batch_size=200))
+    with pytest.raises(ValueError, match="has no response tokens"):
+        train(config(world, tmp_path / "y", max_length=4))
 
 
 def test_bf16_mixed_precision_single_process(world, tmp_path):
