@@ -50,9 +50,7 @@ def ext_modules():
     # No fast-math and no FMA contraction: the RNG's float conversion must stay exact.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
     use_cuda = (
-        torch.version.cuda is not None
-        and cuda_home is not None
-        and os.environ.get("LORI_FORCE_CPU_EXT", "0") != "1"
+        torch.version.cuda is not None and cuda_home is not None and os.environ.get("LORI_FORCE_CPU_EXT", "0") != "1"
     )
     if use_cuda:
         log.warning("building lori_kernels._C with CUDA kernels (CUDA_HOME=%s)", cuda_home)

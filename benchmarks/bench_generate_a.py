@@ -37,11 +37,20 @@ def main() -> None:
         assert torch.equal(ref.view(torch.int32), ours.view(torch.int32)), "backends disagree"
         t_ref = median_ms(lambda: lori_kernels.generate_a(SEED, r, d_in, device=device, backend="reference"), device)
         t_ext = median_ms(lambda: lori_kernels.generate_a(SEED, r, d_in, device=device, backend=compiled), device)
-        rows.append({
-            **env, "op": "generate_a", "r": r, "d_in": d_in, "dtype": "float32",
-            "baseline": "reference", "baseline_ms": round(t_ref, 4), "backend": compiled,
-            "backend_ms": round(t_ext, 4), "speedup": round(t_ref / t_ext, 2),
-        })
+        rows.append(
+            {
+                **env,
+                "op": "generate_a",
+                "r": r,
+                "d_in": d_in,
+                "dtype": "float32",
+                "baseline": "reference",
+                "baseline_ms": round(t_ref, 4),
+                "backend": compiled,
+                "backend_ms": round(t_ext, 4),
+                "speedup": round(t_ref / t_ext, 2),
+            }
+        )
         print(f"r={r:3d} d_in={d_in:6d}  reference {t_ref:9.3f} ms  {compiled} {t_ext:8.3f} ms  {t_ref / t_ext:7.1f}x")
     print(f"wrote {write_csv(f'generate_a_{device.type}', rows, args.results)}")
 

@@ -49,17 +49,31 @@ def make_case(m, inp, out, r, sparsity, dtype, device, seed=0):
         return t.to(dtype).to(device)
 
     return dict(
-        weight=put(torch.randn(out, inp, generator=g) / inp**0.5), bias=put(torch.zeros(out)), block=block, r=r,
-        seed=lori_kernels.layer_seed(seed, "bench"), b_values=put(b_values).requires_grad_(),
-        b_blocks=b_blocks.to(device), b_dense=put(b_dense), x=put(torch.randn(m, inp, generator=g)).requires_grad_(),
+        weight=put(torch.randn(out, inp, generator=g) / inp**0.5),
+        bias=put(torch.zeros(out)),
+        block=block,
+        r=r,
+        seed=lori_kernels.layer_seed(seed, "bench"),
+        b_values=put(b_values).requires_grad_(),
+        b_blocks=b_blocks.to(device),
+        b_dense=put(b_dense),
+        x=put(torch.randn(m, inp, generator=g)).requires_grad_(),
         dy=put(torch.randn(m, out, generator=g)),
     )
 
 
 def lori_layer(case, backend):
     return lambda: lori_kernels.lori_linear(
-        case["x"], case["weight"], case["bias"], case["seed"], case["b_values"], case["b_blocks"],
-        r=case["r"], block=case["block"], scaling=SCALING, backend=backend,
+        case["x"],
+        case["weight"],
+        case["bias"],
+        case["seed"],
+        case["b_values"],
+        case["b_blocks"],
+        r=case["r"],
+        block=case["block"],
+        scaling=SCALING,
+        backend=backend,
     )
 
 
@@ -72,7 +86,9 @@ def peft_layer(case):
     out, inp = case["weight"].shape
     base = torch.nn.Sequential()
     base.add_module("proj", torch.nn.Linear(inp, out, dtype=case["weight"].dtype, device=case["weight"].device))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=case["r"], lora_alpha=SCALING * case["r"], target_modules=["proj"]))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=case["r"], lora_alpha=SCALING * case["r"], target_modules=["proj"])
+    )
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.base_layer.weight.copy_(case["weight"])
@@ -115,6 +131,7 @@ def kernel_lora_path(case, backend):
 def fwd_bwd(forward, dy):
     def step():
         forward().backward(dy)
+
     return step
 
 
@@ -126,7 +143,7 @@ def check_against_reference(case, backend):
         return y.float(), case["x"].grad.float(), case["b_values"].grad.float()
 
     tol = 2e-2 if case["x"].dtype != torch.float32 else 1e-4
-    for got, want in zip(run(backend), run("reference")):
+    for got, want in zip(run(backend), run("reference"), strict=True):
         scale = want.abs().max().item() or 1.0
         assert (got - want).abs().max().item() <= tol * scale, f"{backend} disagrees with the reference"
 
@@ -141,11 +158,16 @@ def main() -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     m = 8192 if gpu else 1024
     sparsities = (0.0, 0.9) if gpu else (0.0, 0.5, 0.9)
-    grid = [(inp, out, r, s) for inp, out in (GPU_SHAPES if gpu else CPU_SHAPES) for r in (16, 32, 64) for s in sparsities]
+    grid = [
+        (inp, out, r, s) for inp, out in (GPU_SHAPES if gpu else CPU_SHAPES) for r in (16, 32, 64) for s in sparsities
+    ]
     if args.quick:
         m, grid = 256, [(256, 384, 32, 0.9)]
-    fused = [b for b in ("triton", "cuda_ext", "cpu_ext") if unavailable_reason(b, "lori_linear", device.type, dtype) is None
-             and (b, device.type) != ("triton", "cpu")]
+    fused = [
+        b
+        for b in ("triton", "cuda_ext", "cpu_ext")
+        if unavailable_reason(b, "lori_linear", device.type, dtype) is None and (b, device.type) != ("triton", "cpu")
+    ]
     env = environment()
     rows = []
     for inp, out, r, sparsity in grid:
@@ -158,26 +180,45 @@ def main() -> None:
             layer["peft_lora"], path["peft_lora"] = peft, peft_lora_path(case)
         for b in ["reference", *fused]:
             layer[b], path[b] = lori_layer(case, b), kernel_lora_path(case, b)
-        times = {
-            ("layer", n): median_ms(fwd_bwd(fn, case["dy"]), device) for n, fn in layer.items()
-        } | {
+        times = {("layer", n): median_ms(fwd_bwd(fn, case["dy"]), device) for n, fn in layer.items()} | {
             ("lora_path", n): median_ms(fn if n != "peft_lora" else fwd_bwd(fn, case["dy"]), device)
             for n, fn in path.items()
         }
         for (part, name), t in times.items():
             baseline = times[("layer", "base")] if part == "layer" else times[("lora_path", "reference")]
-            rows.append({
-                **env, "M": m, "in": inp, "out": out, "r": r, "block": "x".join(map(str, case["block"])),
-                "sparsity": sparsity, "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd",
-                "part": part, "impl": name, "ms": round(t, 4),
-                "baseline": "base" if part == "layer" else "reference",
-                "ratio": round(t / baseline, 3) if part == "layer" else round(baseline / t, 3),
-            })
+            rows.append(
+                {
+                    **env,
+                    "M": m,
+                    "in": inp,
+                    "out": out,
+                    "r": r,
+                    "block": "x".join(map(str, case["block"])),
+                    "sparsity": sparsity,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "pass": "fwd+bwd",
+                    "part": part,
+                    "impl": name,
+                    "ms": round(t, 4),
+                    "baseline": "base" if part == "layer" else "reference",
+                    "ratio": round(t / baseline, 3) if part == "layer" else round(baseline / t, 3),
+                }
+            )
         print(f"M={m} in={inp} out={out} r={r} sparsity={sparsity}")
-        print("  layer (x base):       " + "  ".join(
-            f"{n} {t:.2f} ms ({t / times[('layer', 'base')]:.2f}x)" for (p, n), t in times.items() if p == "layer"))
-        print("  LoRA path (speed-up): " + "  ".join(
-            f"{n} {t:.2f} ms ({times[('lora_path', 'reference')] / t:.2f}x)" for (p, n), t in times.items() if p == "lora_path"))
+        print(
+            "  layer (x base):       "
+            + "  ".join(
+                f"{n} {t:.2f} ms ({t / times[('layer', 'base')]:.2f}x)" for (p, n), t in times.items() if p == "layer"
+            )
+        )
+        print(
+            "  LoRA path (speed-up): "
+            + "  ".join(
+                f"{n} {t:.2f} ms ({times[('lora_path', 'reference')] / t:.2f}x)"
+                for (p, n), t in times.items()
+                if p == "lora_path"
+            )
+        )
     print(f"wrote {write_csv(f'layer_{device.type}', rows, args.results)}")
 
 

@@ -43,9 +43,11 @@ def environment() -> dict:
 
 def _git_commit() -> str:
     """The checkout's commit, with ``-dirty`` when tracked files have changed since."""
+
     def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short", "HEAD")

@@ -32,7 +32,13 @@ from lori_kernels import block_sparse, rng
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CONFIG_FILE", "TENSORS_FILE", "AdapterSnapshot", "CheckpointError", "base_fingerprint", "load_lori", "read_lori",
+    "CONFIG_FILE",
+    "TENSORS_FILE",
+    "AdapterSnapshot",
+    "CheckpointError",
+    "base_fingerprint",
+    "load_lori",
+    "read_lori",
     "save_lori",
 ]
 
@@ -56,7 +62,8 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     wrapped layers under their original names), so it is the same before and after
     ``get_lori_model``."""
     entries = sorted(
-        (name.replace(".base_layer.", "."), list(p.shape)) for name, p in model.named_parameters()
+        (name.replace(".base_layer.", "."), list(p.shape))
+        for name, p in model.named_parameters()
         if not name.endswith("b_values")
     )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
@@ -91,8 +98,12 @@ class AdapterSnapshot:
             self.tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
             shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
         self.manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "rng": rng.RNG_VERSION, "config": config.to_dict(),
-            "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)}, "layers": shapes,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "rng": rng.RNG_VERSION,
+            "config": config.to_dict(),
+            "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)},
+            "layers": shapes,
         }
 
     def write(self, directory: Path) -> None:
@@ -111,16 +122,24 @@ def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | 
     if _is_writer():
         with atomic_dir(path) as tmp:
             snapshot.write(tmp)
-        log.info("saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s", len(snapshot.manifest["layers"]),
-                 sum(s["nnz"] for s in snapshot.manifest["layers"].values()), (path / TENSORS_FILE).stat().st_size, path)
+        log.info(
+            "saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s",
+            len(snapshot.manifest["layers"]),
+            sum(s["nnz"] for s in snapshot.manifest["layers"].values()),
+            (path / TENSORS_FILE).stat().st_size,
+            path,
+        )
     return path
 
 
 def _check_manifest(manifest, where: Path) -> LoRIConfig:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{where} is not a LoRI adapter config (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{where} is not a LoRI adapter config (format {found!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where} has format version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{where} has format version {manifest.get('format_version')!r}; this code reads {FORMAT_VERSION}"
+        )
     if manifest.get("rng") != rng.RNG_VERSION:
         raise CheckpointError(f"{where} needs the generator {manifest.get('rng')!r}; this code has {rng.RNG_VERSION}")
     for key in ("config", "base_model", "layers", "adapter_sha256"):
@@ -158,8 +177,10 @@ def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
     expected = {f"{name}.{kind}" for name in layers for kind in _KINDS}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise CheckpointError(f"{tensors_file} does not hold exactly the layers of {CONFIG_FILE}: "
-                              f"unexpected {extra[:3]}, missing {missing[:3]}")
+        raise CheckpointError(
+            f"{tensors_file} does not hold exactly the layers of {CONFIG_FILE}: "
+            f"unexpected {extra[:3]}, missing {missing[:3]}"
+        )
     per_layer = {}
     for name, info in layers.items():
         t = {kind: tensors[f"{name}.{kind}"] for kind in _KINDS}
@@ -185,12 +206,16 @@ def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"layer {name}: {e}") from None
     if info.get("nnz") != t["b_blocks"].shape[0]:
-        raise CheckpointError(f"layer {name}: {CONFIG_FILE} says {info.get('nnz')} kept blocks, the tensors hold {t['b_blocks'].shape[0]}")
+        raise CheckpointError(
+            f"layer {name}: {CONFIG_FILE} says {info.get('nnz')} kept blocks, the tensors hold {t['b_blocks'].shape[0]}"
+        )
     if inp <= 0:
         raise CheckpointError(f"layer {name}: bad shape {[out, inp]}")
 
 
-def load_lori(model: torch.nn.Module, path: str | Path, *, check_base: bool = True, backend: str = "auto") -> torch.nn.Module:
+def load_lori(
+    model: torch.nn.Module, path: str | Path, *, check_base: bool = True, backend: str = "auto"
+) -> torch.nn.Module:
     """Load the adapter at ``path`` into ``model`` and return it. A model without
     adapters gets them (with the checkpoint's masks); a model with adapters must have the
     checkpoint's layers and kept blocks. With ``check_base`` the base model's fingerprint
@@ -200,7 +225,8 @@ def load_lori(model: torch.nn.Module, path: str | Path, *, check_base: bool = Tr
     if check_base and manifest["base_model"].get("fingerprint") != base_fingerprint(model):
         raise CheckpointError(
             f"{path} was trained on another base model ({manifest['base_model'].get('id')!r}): parameter names "
-            "or shapes differ (pass check_base=False to load anyway)")
+            "or shapes differ (pass check_base=False to load anyway)"
+        )
     existing = lori_layers(model)
     modules = dict(model.named_modules())
     for name, info in manifest["layers"].items():
@@ -214,12 +240,20 @@ def load_lori(model: torch.nn.Module, path: str | Path, *, check_base: bool = Tr
         if set(existing) != set(per_layer):
             raise CheckpointError(f"the model's adapted layers differ from {path}'s")
         for name, layer in existing.items():
-            if layer.block != config.block or layer.r != config.r or not torch.equal(layer.b_blocks.cpu(), per_layer[name]["b_blocks"]):
-                raise CheckpointError(f"{name}: the model's adapter (r, block or kept blocks) differs from {path}'s; "
-                                      "load into the base model instead")
+            if (
+                layer.block != config.block
+                or layer.r != config.r
+                or not torch.equal(layer.b_blocks.cpu(), per_layer[name]["b_blocks"])
+            ):
+                raise CheckpointError(
+                    f"{name}: the model's adapter (r, block or kept blocks) differs from {path}'s; "
+                    "load into the base model instead"
+                )
     else:
-        masks = {name: block_sparse.mask_from_blocks(t["b_blocks"], modules[name].out_features, config.r, config.block)
-                 for name, t in per_layer.items()}
+        masks = {
+            name: block_sparse.mask_from_blocks(t["b_blocks"], modules[name].out_features, config.r, config.block)
+            for name, t in per_layer.items()
+        }
         get_lori_model(model, config, masks=masks, backend=backend)
     state = {}
     for name, t in per_layer.items():

@@ -42,7 +42,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
         kind = {int: int, float: float, str: str}.get(hint)
         args = typing.get_args(hint)
@@ -52,8 +54,14 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
             kind = _pair
         elif f.name == "target_modules":
             kind = _names
-        parser.add_argument(flag, dest=f.name, type=kind, default=default, required=required,
-                            help=f"{help_text} (default: {default})" if not required else help_text)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=default,
+            required=required,
+            help=f"{help_text} (default: {default})" if not required else help_text,
+        )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -62,8 +70,9 @@ def _train(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     if int(os.environ.get("RANK", "0")) == 0:
-        logging.getLogger("lori").info("final loss %.4f after %d steps; adapter at %s", result["losses"][-1],
-                                       result["steps"], result["adapter"])
+        logging.getLogger("lori").info(
+            "final loss %.4f after %d steps; adapter at %s", result["losses"][-1], result["steps"], result["adapter"]
+        )
     return 0
 
 
@@ -122,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--model", required=True, help="base model directory")
     masks.add_argument("--adapter", required=True, help="adapter directory (lori_config.json + adapter.safetensors)")
     masks.add_argument("--sparsity", type=float, default=0.9, help="fraction of blocks dropped (default: 0.9)")
-    masks.add_argument("--block", type=_pair, default=None, help="mask block bo,br (default: the adapter's; 1,1: elements)")
+    masks.add_argument(
+        "--block", type=_pair, default=None, help="mask block bo,br (default: the adapter's; 1,1: elements)"
+    )
     masks.add_argument("--output", required=True, help="masks file (.safetensors)")
     masks.set_defaults(run=_extract_masks)
 

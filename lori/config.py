@@ -55,13 +55,8 @@ class LoRIConfig:
             self.alpha = 2.0 * self.r
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"LoRIConfig.alpha must be a positive finite number, got {self.alpha!r}")
-        if isinstance(self.target_modules, str) or not all(
-            isinstance(m, str) and m for m in self.target_modules
-        ):
-            raise ValueError(
-                "LoRIConfig.target_modules must be a list of module names, got "
-                f"{self.target_modules!r}"
-            )
+        if isinstance(self.target_modules, str) or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"LoRIConfig.target_modules must be a list of module names, got {self.target_modules!r}")
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("LoRIConfig.target_modules is empty: nothing would be adapted")

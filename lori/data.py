@@ -35,8 +35,11 @@ def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
     """The token ids a response is generated after (chat template with the generation
     prompt when the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
     return list(tokenizer(prompt)["input_ids"])
 
 
@@ -44,7 +47,10 @@ def tokenize_example(tokenizer, example: dict, max_length: int) -> dict[str, lis
     """``input_ids`` and ``labels`` (``IGNORE_INDEX`` on the prompt), cut to ``max_length``."""
     prompt_ids = tokenize_prompt(tokenizer, example["prompt"])
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
+        messages = [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["response"]},
+        ]
         ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
         if ids[: len(prompt_ids)] != prompt_ids:
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
@@ -52,7 +58,7 @@ def tokenize_example(tokenizer, example: dict, max_length: int) -> dict[str, lis
         ids = prompt_ids + list(tokenizer(example["response"], add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 

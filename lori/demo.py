@@ -35,11 +35,35 @@ RANK, BLOCK, LR, EPOCHS, SPARSITY = 16, (16, 4), 2e-2, 3, 0.9
 
 
 def _train(workdir: Path, output: Path, processes: int, progress: bool, masks: Path | None = None) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "-m", "lori.cli",
-            "train", "--model", str(workdir / "base"), "--data", str(workdir / "data" / "train.jsonl"),
-            "--output", str(output), "--rank", str(RANK), "--block", ",".join(map(str, BLOCK)), "--lr", str(LR),
-            "--epochs", str(EPOCHS), "--batch-size", "8", "--log-every", "32",
-            "--progress" if progress else "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "lori.cli",
+        "train",
+        "--model",
+        str(workdir / "base"),
+        "--data",
+        str(workdir / "data" / "train.jsonl"),
+        "--output",
+        str(output),
+        "--rank",
+        str(RANK),
+        "--block",
+        ",".join(map(str, BLOCK)),
+        "--lr",
+        str(LR),
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        "8",
+        "--log-every",
+        "32",
+        "--progress" if progress else "--no-progress",
+    ]
     if masks is not None:
         args += ["--masks", str(masks)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -60,33 +84,48 @@ def run_demo(workdir: str | Path = "demo_output", *, processes: int = 2, progres
     toy.write_jsonl(toy.caesar_examples(1024, 1, seed=10), workdir / "data" / "train.jsonl")
     toy.write_jsonl(toy.caesar_examples(128, 1, seed=11), workdir / "data" / "test.jsonl")
     test = load_examples(workdir / "data" / "test.jsonl")
-    log.info("1. toy world in %s: base model pretrained on copying; task: shift letters by one "
-             "(1024 training, 128 held-out examples)", workdir)
+    log.info(
+        "1. toy world in %s: base model pretrained on copying; task: shift letters by one "
+        "(1024 training, 128 held-out examples)",
+        workdir,
+    )
 
     def base_model():
         return AutoModelForCausalLM.from_pretrained(str(workdir / "base"))
 
     figures = {"base": evaluate(base_model(), tokenizer, test)}
-    log.info("2. base model on the task: loss %.3f, exact match %.1f%%", figures["base"]["loss"],
-             100 * figures["base"]["exact_match"])
+    log.info(
+        "2. base model on the task: loss %.3f, exact match %.1f%%",
+        figures["base"]["loss"],
+        100 * figures["base"]["exact_match"],
+    )
 
     _train(workdir, workdir / "lori_d", processes, progress)
     lori_d = load_lori(base_model(), workdir / "lori_d" / "adapter")
     figures["lori_d"] = evaluate(lori_d, tokenizer, test)
-    log.info("3. LoRI-D (dense B, r %d, FSDP2 on %d processes): loss %.3f, exact match %.1f%%", RANK, processes,
-             figures["lori_d"]["loss"], 100 * figures["lori_d"]["exact_match"])
+    log.info(
+        "3. LoRI-D (dense B, r %d, FSDP2 on %d processes): loss %.3f, exact match %.1f%%",
+        RANK,
+        processes,
+        figures["lori_d"]["loss"],
+        100 * figures["lori_d"]["exact_match"],
+    )
 
     masks = extract_masks(lori_d, SPARSITY)
     save_masks(masks, workdir / "masks.safetensors")
     kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-    log.info("4. masks: %.1f%% of B kept (blocks %s, global top-k) -> %s", 100 * kept, BLOCK,
-             workdir / "masks.safetensors")
+    log.info(
+        "4. masks: %.1f%% of B kept (blocks %s, global top-k) -> %s", 100 * kept, BLOCK, workdir / "masks.safetensors"
+    )
 
     _train(workdir, workdir / "lori_s", processes, progress, masks=workdir / "masks.safetensors")
     lori_s = load_lori(base_model(), workdir / "lori_s" / "adapter")
     figures["lori_s"] = evaluate(lori_s, tokenizer, test)
-    log.info("5. LoRI-S (B from zero under the masks): loss %.3f, exact match %.1f%%", figures["lori_s"]["loss"],
-             100 * figures["lori_s"]["exact_match"])
+    log.info(
+        "5. LoRI-S (B from zero under the masks): loss %.3f, exact match %.1f%%",
+        figures["lori_s"]["loss"],
+        100 * figures["lori_s"]["exact_match"],
+    )
 
     layers = lori_layers(lori_s).values()
     peft_params = sum(RANK * (layer.in_features + layer.out_features) for layer in layers)
@@ -98,8 +137,15 @@ def run_demo(workdir: str | Path = "demo_output", *, processes: int = 2, progres
         "peft_lora_trainable": peft_params,
     }
     sizes = figures["sizes"]
-    log.info("6. LoRI-S adapter on disk: %d bytes (LoRI-D %d; a PEFT LoRA adapter of rank %d: %d, so %.1f%%); "
-             "trainable parameters %d (PEFT LoRA: %d)", sizes["lori_s_bytes"], sizes["lori_d_bytes"], RANK,
-             sizes["peft_lora_bytes"], 100 * sizes["lori_s_bytes"] / sizes["peft_lora_bytes"],
-             sizes["lori_s_trainable"], sizes["peft_lora_trainable"])
+    log.info(
+        "6. LoRI-S adapter on disk: %d bytes (LoRI-D %d; a PEFT LoRA adapter of rank %d: %d, so %.1f%%); "
+        "trainable parameters %d (PEFT LoRA: %d)",
+        sizes["lori_s_bytes"],
+        sizes["lori_d_bytes"],
+        RANK,
+        sizes["peft_lora_bytes"],
+        100 * sizes["lori_s_bytes"] / sizes["peft_lora_bytes"],
+        sizes["lori_s_trainable"],
+        sizes["peft_lora_trainable"],
+    )
     return figures

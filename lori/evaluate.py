@@ -33,14 +33,20 @@ def evaluate(model, tokenizer, examples: list[dict], *, max_length: int = 64, ba
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate([tokenize_example(tokenizer, e, max_length) for e in examples[start:start + batch_size]],
-                        tokenizer.pad_token_id)
+        batch = collate(
+            [tokenize_example(tokenizer, e, max_length) for e in examples[start : start + batch_size]],
+            tokenizer.pad_token_id,
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="sum"
+        )
         total_loss += loss.item()
         total_tokens += int((labels != -100).sum())
-    correct = sum(greedy_response(model, tokenizer, e["prompt"], len(e["response"]) + 2) == e["response"] for e in examples)
+    correct = sum(
+        greedy_response(model, tokenizer, e["prompt"], len(e["response"]) + 2) == e["response"] for e in examples
+    )
     model.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "exact_match": correct / max(len(examples), 1)}

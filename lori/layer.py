@@ -76,17 +76,27 @@ class LoRILinear(nn.Module):
                 self.dropout_calls += 1
             dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls + (_rank() << 40)))
         y = lori_kernels.lori_linear(
-            x.to(weight.dtype), weight, self.base_layer.bias, self.layer_seed,
-            self.b_values.to(weight.dtype), self.b_blocks, r=self.r, block=self.block,
-            scaling=self.scaling, dist=self.dist, dropout_p=p, dropout_seed=dropout_seed,
+            x.to(weight.dtype),
+            weight,
+            self.base_layer.bias,
+            self.layer_seed,
+            self.b_values.to(weight.dtype),
+            self.b_blocks,
+            r=self.r,
+            block=self.block,
+            scaling=self.scaling,
+            dist=self.dist,
+            dropout_p=p,
+            dropout_seed=dropout_seed,
             backend=self.backend,
         )
         return y.to(x.dtype)
 
     def a(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This layer's A ``[r, in]``, regenerated from its seed."""
-        return lori_kernels.generate_a(self.layer_seed, self.r, self.in_features, dist=self.dist, dtype=dtype,
-                                       device=self.b_values.device)
+        return lori_kernels.generate_a(
+            self.layer_seed, self.r, self.in_features, dist=self.dist, dtype=dtype, device=self.b_values.device
+        )
 
     def b_dense(self) -> torch.Tensor:
         """This layer's B ``[out, r]`` (float32, zero outside the kept blocks)."""
@@ -98,9 +108,11 @@ class LoRILinear(nn.Module):
 
     def extra_repr(self) -> str:
         kept = self.b_blocks.shape[0] / _n_blocks(self)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, block={self.block}, kept={kept:.1%}, dist={self.dist!r}, "
-                f"dropout={self.dropout:g}, seed={self.layer_seed:#018x}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, block={self.block}, kept={kept:.1%}, dist={self.dist!r}, "
+            f"dropout={self.dropout:g}, seed={self.layer_seed:#018x}"
+        )
 
 
 def _rank() -> int:

@@ -41,7 +41,9 @@ def _block_scores(b: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return padded.reshape(n_rows, bo, r // br, br).square().sum(dim=(1, 3)).sqrt()
 
 
-def extract_masks(model: torch.nn.Module, sparsity: float, block: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def extract_masks(
+    model: torch.nn.Module, sparsity: float, block: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """Masks keeping the largest ``1 - sparsity`` of all blocks of all adapted B (global
     top-k of block L2 norms, exactly ``round((1 - sparsity) * n_blocks)`` kept; ties go to
     the earlier layer and block). ``block`` defaults to the model's."""
@@ -53,21 +55,28 @@ def extract_masks(model: torch.nn.Module, sparsity: float, block: tuple[int, int
     first = next(iter(layers.values()))
     block = block_sparse.check_block(block if block is not None else first.block, first.r)
     scores = []
-    for name, layer in layers.items():
-        b = block_sparse.scatter_blocks(_full(layer.b_values).detach().float().cpu(), layer.b_blocks.cpu(),
-                                        layer.out_features, layer.r)
+    for layer in layers.values():
+        b = block_sparse.scatter_blocks(
+            _full(layer.b_values).detach().float().cpu(), layer.b_blocks.cpu(), layer.out_features, layer.r
+        )
         scores.append(_block_scores(b, block_sparse.check_block(block, layer.r)))
     flat = torch.cat([s.flatten() for s in scores])
     n_keep = round((1.0 - sparsity) * flat.numel())
     kept = torch.zeros(flat.numel(), dtype=torch.bool)
     kept[torch.sort(flat, descending=True, stable=True).indices[:n_keep]] = True
     masks, start = {}, 0
-    for (name, layer), s in zip(layers.items(), scores):
-        grid = kept[start:start + s.numel()].reshape(s.shape)
+    for (name, layer), s in zip(layers.items(), scores, strict=True):
+        grid = kept[start : start + s.numel()].reshape(s.shape)
         start += s.numel()
-        masks[name] = grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:layer.out_features]
-    log.info("masks: kept %d of %d blocks %s (sparsity %.4f) over %d layers",
-             n_keep, flat.numel(), block, 1 - n_keep / flat.numel(), len(layers))
+        masks[name] = grid.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: layer.out_features]
+    log.info(
+        "masks: kept %d of %d blocks %s (sparsity %.4f) over %d layers",
+        n_keep,
+        flat.numel(),
+        block,
+        1 - n_keep / flat.numel(),
+        len(layers),
+    )
     return masks
 
 
@@ -77,8 +86,11 @@ def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask {name} must be a 2-D bool tensor")
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in masks.items()}, tmp,
-                  metadata={"format": MASKS_FORMAT, "version": MASKS_VERSION})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in masks.items()},
+            tmp,
+            metadata={"format": MASKS_FORMAT, "version": MASKS_VERSION},
+        )
 
 
 _PEFT_PREFIX = "base_model.model."
@@ -88,7 +100,7 @@ _PEFT_SUFFIXES = (".lora_B.default.weight", ".lora_B.weight", ".lora_B.default",
 def _module_name(key: str) -> str:
     """A module name from a mask key written by PEFT-based code (the original LoRI)."""
     if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX):]
+        key = key[len(_PEFT_PREFIX) :]
     for suffix in _PEFT_SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)]
@@ -114,13 +126,17 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         if metadata.get("format") != MASKS_FORMAT:
             raise ValueError(f"{path} is not a LoRI masks file (format {metadata.get('format')!r})")
         if metadata.get("version") != MASKS_VERSION:
-            raise ValueError(f"{path} has masks format version {metadata.get('version')!r}; this code reads {MASKS_VERSION}")
+            raise ValueError(
+                f"{path} has masks format version {metadata.get('version')!r}; this code reads {MASKS_VERSION}"
+            )
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for foreign or unsafe files
             raise ValueError(f"{path} is neither a safetensors masks file nor a weights-only torch file: {e}") from None
-        if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()
+        ):
             raise ValueError(f"{path} must hold a dict of module name -> mask tensor")
         masks = {_module_name(k): v != 0 for k, v in raw.items()}
     for name, mask in masks.items():

@@ -29,7 +29,8 @@ __all__ = [
 
 def _targets(model: nn.Module, config: LoRIConfig) -> dict[str, nn.Linear]:
     return {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
     }
 
@@ -73,8 +74,15 @@ def get_lori_model(
             except ValueError as e:
                 raise ValueError(f"mask of {name}: {e}") from None
         layer = LoRILinear(
-            linear, r=config.r, alpha=config.alpha, seed=layer_seed(config.seed, name), block=config.block,
-            dist=config.dist, dropout=config.dropout, b_blocks=b_blocks, backend=backend,
+            linear,
+            r=config.r,
+            alpha=config.alpha,
+            seed=layer_seed(config.seed, name),
+            block=config.block,
+            dist=config.dist,
+            dropout=config.dropout,
+            b_blocks=b_blocks,
+            backend=backend,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
@@ -111,7 +119,7 @@ def disable_adapters(model: nn.Module):
             layer.enabled = False
         yield model
     finally:
-        for layer, state in zip(layers, states):
+        for layer, state in zip(layers, states, strict=True):
             layer.enabled = state
 
 
@@ -136,6 +144,10 @@ def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """Log, like PEFT, the trainable and total parameter counts; return them."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
-             f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    log.info(
+        "trainable params: %s || all params: %s || trainable%%: %.4f",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
     return trainable, total

@@ -53,12 +53,16 @@ class TrainConfig:
     masks: str | None = field(default=None, metadata={"help": "Masks file: train LoRI-S (B restarts from zero)."})
     r: int = field(default=32, metadata={"help": "Adapter rank."})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2r)."})
-    block: tuple[int, int] | None = field(default=None, metadata={"help": "Block (bo, br) of B (default (32, min(r, 32)))."})
+    block: tuple[int, int] | None = field(
+        default=None, metadata={"help": "Block (bo, br) of B (default (32, min(r, 32)))."}
+    )
     dist: str = field(default="uniform", metadata={"help": "Distribution of A."})
     seed: int = field(default=0, metadata={"help": "Model-wide adapter seed (A of every layer)."})
     dropout: float = field(default=0.0, metadata={"help": "Adapter input dropout."})
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES, metadata={"help": "Adapted modules."})
-    lr: float | None = field(default=None, metadata={"help": f"Peak learning rate (default {LR_LORI_D} D, {LR_LORI_S} S)."})
+    lr: float | None = field(
+        default=None, metadata={"help": f"Peak learning rate (default {LR_LORI_D} D, {LR_LORI_S} S)."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     schedule: str = field(default="cosine", metadata={"help": "'constant' or 'cosine' after warm-up."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps of linear warm-up."})
@@ -95,8 +99,15 @@ class TrainConfig:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
     def lori_config(self) -> LoRIConfig:
-        return LoRIConfig(r=self.r, alpha=self.alpha, target_modules=self.target_modules, block=self.block,
-                          dist=self.dist, seed=self.seed, dropout=self.dropout)
+        return LoRIConfig(
+            r=self.r,
+            alpha=self.alpha,
+            target_modules=self.target_modules,
+            block=self.block,
+            dist=self.dist,
+            seed=self.seed,
+            dropout=self.dropout,
+        )
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (LR_LORI_S if self.masks else LR_LORI_D)
@@ -151,7 +162,9 @@ def _shard(model: torch.nn.Module, world: _World, bf16: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(world.device.type, (world.size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -174,6 +187,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -185,8 +199,12 @@ def _response_tokens(batch: dict[str, torch.Tensor]) -> int:
 def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the response tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def _clip(params: list[torch.Tensor], max_norm: float, mode: str) -> None:
@@ -211,9 +229,28 @@ def _checkpoints(output: Path) -> list[Path]:
 
 def _resume_fields(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues."""
-    keep = ("model", "data", "masks", "r", "alpha", "block", "dist", "seed", "dropout", "target_modules", "lr",
-            "weight_decay", "schedule", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
-            "max_length", "data_seed")
+    keep = (
+        "model",
+        "data",
+        "masks",
+        "r",
+        "alpha",
+        "block",
+        "dist",
+        "seed",
+        "dropout",
+        "target_modules",
+        "lr",
+        "weight_decay",
+        "schedule",
+        "warmup_ratio",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "data_seed",
+    )
     d = dataclasses.asdict(cfg)
     return json.loads(json.dumps({k: d[k] for k in keep}))
 
@@ -225,17 +262,29 @@ def _save_checkpoint(model, optimizer, scheduler, cfg, world, step, micro_steps,
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     adapter = AdapterSnapshot(model)
     if world.main:
-        tensors = {f"{fqn}/{key}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
-                   for fqn, entry in osd["state"].items() for key, v in entry.items() if torch.is_tensor(v)}
-        state = {"step": step, "micro_steps": micro_steps, "world_size": world.size, "losses": losses,
-                 "scheduler": scheduler.state_dict(), "config": _resume_fields(cfg),
-                 "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
-                                  for g in osd["param_groups"]]}
+        tensors = {
+            f"{fqn}/{key}": v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+            for fqn, entry in osd["state"].items()
+            for key, v in entry.items()
+            if torch.is_tensor(v)
+        }
+        state = {
+            "step": step,
+            "micro_steps": micro_steps,
+            "world_size": world.size,
+            "losses": losses,
+            "scheduler": scheduler.state_dict(),
+            "config": _resume_fields(cfg),
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+                for g in osd["param_groups"]
+            ],
+        }
         with atomic_dir(path) as tmp:
             adapter.write(tmp)
             save_file(tensors, tmp / OPTIMIZER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        for old in _checkpoints(path.parent.parent)[:-cfg.keep_checkpoints]:
+        for old in _checkpoints(path.parent.parent)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
         log.info("checkpoint at step %d -> %s", step, path)
     world.barrier()
@@ -263,6 +312,7 @@ def _load_checkpoint(model, optimizer, scheduler, cfg, path: Path) -> dict:
 
 
 # --- the run ---------------------------------------------------------------------------
+
 
 def train(cfg: TrainConfig) -> dict:
     """Run ``cfg``; return ``{"losses": [loss per step], "adapter": path, "steps": n}``.
@@ -303,7 +353,8 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr(), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total, round(cfg.warmup_ratio * total), cfg.schedule))
+        optimizer, _lr_lambda(total, round(cfg.warmup_ratio * total), cfg.schedule)
+    )
 
     start, losses = 0, []
     if cfg.resume and (found := _checkpoints(output)):
@@ -313,18 +364,19 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
     def micro_batches(step: int):
         epoch, index = divmod(step, steps_per_epoch)
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.data_seed + epoch))
-        chosen = order[index * per_step:(index + 1) * per_step].tolist()
+        chosen = order[index * per_step : (index + 1) * per_step].tolist()
         for a in range(cfg.grad_accum):
             first = (a * world.size + world.rank) * cfg.batch_size
-            yield collate([examples[i] for i in chosen[first:first + cfg.batch_size]], pad_id)
+            yield collate([examples[i] for i in chosen[first : first + cfg.batch_size]], pad_id)
 
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not (cfg.progress and world.main))
     for step in bar:
         batches = [{k: v.to(world.device) for k, v in b.items()} for b in micro_batches(step)]
         tokens = world.all_sum(sum(_response_tokens(b) for b in batches))
         if tokens == 0:
-            raise ValueError(f"step {step + 1} has no response tokens: is max_length ({cfg.max_length}) "
-                             "shorter than the prompts?")
+            raise ValueError(
+                f"step {step + 1} has no response tokens: is max_length ({cfg.max_length}) shorter than the prompts?"
+            )
         step_loss = 0.0
         for a, batch in enumerate(batches):
             if hasattr(model, "set_requires_gradient_sync"):
@@ -343,8 +395,17 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
         if world.main and (done % cfg.log_every == 0 or done == total):
             log.info("step %d/%d loss %.4f lr %.3g", done, total, losses[-1], scheduler.get_last_lr()[0])
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
-            _save_checkpoint(model, optimizer, scheduler, cfg, world, done, done * cfg.grad_accum, losses,
-                             output / "checkpoints" / f"step-{done:07d}")
+            _save_checkpoint(
+                model,
+                optimizer,
+                scheduler,
+                cfg,
+                world,
+                done,
+                done * cfg.grad_accum,
+                losses,
+                output / "checkpoints" / f"step-{done:07d}",
+            )
     adapter = save_lori(model, output / "adapter")
     world.barrier()
     return {"losses": losses, "adapter": str(adapter), "steps": total}

@@ -20,7 +20,7 @@ BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_error() -> str | None:
     """None once the extension is loaded; otherwise why it could not be."""
     try:

@@ -76,9 +76,7 @@ def check_b_layout(b_values: torch.Tensor, b_blocks: torch.Tensor, block) -> Non
             f"and block {tuple(block)}, got {tuple(b_values.shape)}"
         )
     if b_values.device != b_blocks.device:
-        raise ValueError(
-            f"b_values is on {b_values.device} but b_blocks is on {b_blocks.device}"
-        )
+        raise ValueError(f"b_values is on {b_values.device} but b_blocks is on {b_blocks.device}")
 
 
 def check_b_blocks(b_blocks: torch.Tensor, out_features: int, r: int, block) -> None:
@@ -181,9 +179,7 @@ def gather_blocks(dense: torch.Tensor, b_blocks: torch.Tensor, block) -> torch.T
     return tiles[b_blocks[:, 0].long(), b_blocks[:, 1].long()]
 
 
-def scatter_blocks(
-    b_values: torch.Tensor, b_blocks: torch.Tensor, out_features: int, r: int
-) -> torch.Tensor:
+def scatter_blocks(b_values: torch.Tensor, b_blocks: torch.Tensor, out_features: int, r: int) -> torch.Tensor:
     """Dense B ``[out_features, r]`` with ``b_values`` at ``b_blocks``, zero elsewhere.
     Differentiable in ``b_values`` (padded rows get zero gradient)."""
     bo, br = b_values.shape[1:]
@@ -193,9 +189,7 @@ def scatter_blocks(
     return tiles.transpose(1, 2).reshape(n_rows * bo, r)[:out_features]
 
 
-def from_dense(
-    dense: torch.Tensor, block, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def from_dense(dense: torch.Tensor, block, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact ``(b_values, b_blocks)`` of a dense B ``[out, r]``: every block, or only the
     blocks of ``mask`` (bool ``[out, r]``, made of whole blocks). Values outside the mask
     must be zero: nothing is dropped silently."""
@@ -204,9 +198,7 @@ def from_dense(
         b_blocks = dense_blocks(dense.shape[0], dense.shape[1], block, dense.device)
     else:
         if mask.shape != dense.shape:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match B shape {tuple(dense.shape)}"
-            )
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match B shape {tuple(dense.shape)}")
         mask = mask.to(dense.device)
         b_blocks = blocks_from_mask(mask, block)
         outside = (dense != 0) & ~mask
@@ -219,9 +211,7 @@ def from_dense(
     return gather_blocks(dense, b_blocks, block), b_blocks
 
 
-def to_dense(
-    b_values: torch.Tensor, b_blocks: torch.Tensor, out_features: int, r: int
-) -> torch.Tensor:
+def to_dense(b_values: torch.Tensor, b_blocks: torch.Tensor, out_features: int, r: int) -> torch.Tensor:
     """Dense B ``[out_features, r]`` of a compact B, after checking it."""
     block = tuple(b_values.shape[1:]) if b_values.dim() == 3 else None
     if block is None:

@@ -94,8 +94,18 @@ def lori_linear(
     batch dimensions.
     """
     spec = check_lori_linear_args(
-        x, weight, bias, seed, b_values, b_blocks, r=r, block=block, scaling=scaling,
-        dist=dist, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        x,
+        weight,
+        bias,
+        seed,
+        b_values,
+        b_blocks,
+        r=r,
+        block=block,
+        scaling=scaling,
+        dist=dist,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
     )
     chosen = backends.resolve(backend, "lori_linear", x.device, x.dtype)
     return _backend_module(chosen).lori_linear(x, weight, bias, b_values, b_blocks, spec)

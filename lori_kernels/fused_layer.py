@@ -16,7 +16,8 @@ activations); A and the dropout mask D are regenerated from their seeds, so
 recomputes it exactly.
 """
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -43,8 +44,16 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
 
     @torch.library.custom_op(f"{namespace}::forward", mutates_args=())
     def forward(
-        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], b_values: torch.Tensor,
-        b_blocks: torch.Tensor, seed: int, r: int, scaling: float, dist: str, dropout_p: float,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],  # noqa: UP045 (torch.library's schema inference reads typing.Optional)
+        b_values: torch.Tensor,
+        b_blocks: torch.Tensor,
+        seed: int,
+        r: int,
+        scaling: float,
+        dist: str,
+        dropout_p: float,
         dropout_seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.nn.functional.linear(x, weight, bias)
@@ -58,9 +67,18 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
 
     @torch.library.custom_op(f"{namespace}::backward", mutates_args=())
     def backward(
-        dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, b_values: torch.Tensor,
-        b_blocks: torch.Tensor, seed: int, scaling: float, dist: str, dropout_p: float,
-        dropout_seed: int, need_dx: bool, need_db: bool,
+        dy: torch.Tensor,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        b_values: torch.Tensor,
+        b_blocks: torch.Tensor,
+        seed: int,
+        scaling: float,
+        dist: str,
+        dropout_p: float,
+        dropout_seed: int,
+        need_dx: bool,
+        need_db: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dx, db_values)``; an output that is not needed comes back empty."""
         dx = db_values = dy.new_empty(0)
@@ -92,9 +110,17 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
 
     def lori_linear_fused(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
         y, _ = forward(
-            x.reshape(-1, spec.in_features).contiguous(), weight, bias, b_values.contiguous(),
-            b_blocks.contiguous(), rng.to_int64(spec.seed), spec.r, spec.scaling, spec.dist,
-            spec.dropout_p, rng.to_int64(spec.dropout_seed),
+            x.reshape(-1, spec.in_features).contiguous(),
+            weight,
+            bias,
+            b_values.contiguous(),
+            b_blocks.contiguous(),
+            rng.to_int64(spec.seed),
+            spec.r,
+            spec.scaling,
+            spec.dist,
+            spec.dropout_p,
+            rng.to_int64(spec.dropout_seed),
         )
         return y.reshape(*x.shape[:-1], spec.out_features)
 

@@ -53,8 +53,7 @@ def to_uint64(seed: int | torch.Tensor) -> int:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(
-                f"seed tensor must hold one int64 value, got shape {tuple(seed.shape)} "
-                f"and dtype {seed.dtype}"
+                f"seed tensor must hold one int64 value, got shape {tuple(seed.shape)} and dtype {seed.dtype}"
             )
         seed = int(seed.item())
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -92,7 +91,7 @@ def layer_seed(global_seed: int, name: str) -> int:
     """The uint64 seed of the layer called ``name`` (as in ``model.named_modules()``)
     under a model-wide seed; a PEFT ``base_model.model.`` prefix is ignored."""
     if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
+        name = name[len(_PEFT_PREFIX) :]
     return splitmix64(to_uint64(global_seed) ^ fnv1a64(name))
 
 
@@ -134,8 +133,7 @@ def random_words(
     has flat index ``i = j * width + k``. One Philox call serves four consecutive ``i``."""
     if min(rows, cols) < 0 or min(row0, col0) < 0 or width <= 0 or col0 + cols > width:
         raise ValueError(
-            f"tile [{row0}:{row0 + rows}, {col0}:{col0 + cols}] does not fit a matrix "
-            f"{width} columns wide"
+            f"tile [{row0}:{row0 + rows}, {col0}:{col0 + cols}] does not fit a matrix {width} columns wide"
         )
     if (row0 + rows) * width > 2**64:
         raise ValueError(f"flat indices of rows up to {row0 + rows} x {width} exceed 2^64")
@@ -146,13 +144,9 @@ def random_words(
     first = to_int64((row0 * width + col0) & _M64)
     starts = torch.arange(rows, dtype=torch.int64, device=device) * width + first
     quads = (cols + 3) // 4 + 1  # quads a row of ``cols`` words can touch
-    q = ((starts >> 2) & (2**62 - 1)).unsqueeze(1) + torch.arange(
-        quads, dtype=torch.int64, device=device
-    )
+    q = ((starts >> 2) & (2**62 - 1)).unsqueeze(1) + torch.arange(quads, dtype=torch.int64, device=device)
     zero = torch.zeros_like(q)
-    words = torch.stack(
-        philox4x32_10(q & _M32, q >> 32, zero + stream, zero, k0, k1), dim=-1
-    ).reshape(rows, 4 * quads)
+    words = torch.stack(philox4x32_10(q & _M32, q >> 32, zero + stream, zero, k0, k1), dim=-1).reshape(rows, 4 * quads)
     lane = (starts & 3).unsqueeze(1) + torch.arange(cols, dtype=torch.int64, device=device)
     return words.gather(1, lane)
 

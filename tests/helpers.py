@@ -17,7 +17,6 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a.view(as_int), b.view(as_int)), "tensors differ bitwise"
 
 
-
 def assert_error_earned(got: torch.Tensor, same_precision: torch.Tensor, truth: torch.Tensor, factor: float = 2.0):
     """flash-attention's rule: ``got``'s error against the float64 ``truth`` is at most
     ``factor`` times that of a plain torch computation in the same precision (plus a few
@@ -41,14 +40,28 @@ def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, see
     b_values, b_blocks = bs.from_dense(b_dense, block, mask)
     to = dict(dtype=dtype, device=device)
     return dict(
-        weight=weight.to(**to), bias=None if b is None else b.to(**to), b_values=b_values.to(**to),
-        b_blocks=b_blocks.to(device), b_dense=b_dense.to(**to), seed=2**64 - 7 - seed,
+        weight=weight.to(**to),
+        bias=None if b is None else b.to(**to),
+        b_values=b_values.to(**to),
+        b_blocks=b_blocks.to(device),
+        b_dense=b_dense.to(**to),
+        seed=2**64 - 7 - seed,
     )
 
 
 def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, backend="reference"):
     """``lori_linear`` on a layer of ``make_layer`` (the reference backend unless told)."""
     return lori_kernels.lori_linear(
-        x, layer["weight"], layer["bias"], layer["seed"], layer["b_values"], layer["b_blocks"],
-        r=r, block=block, scaling=scaling, dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
+        x,
+        layer["weight"],
+        layer["bias"],
+        layer["seed"],
+        layer["b_values"],
+        layer["b_blocks"],
+        r=r,
+        block=block,
+        scaling=scaling,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        backend=backend,
     )

@@ -11,7 +11,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def run_quick(script: str, results: Path) -> list[dict]:
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--results", str(results)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     (csv_path,) = results.glob("*.csv")

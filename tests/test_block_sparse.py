@@ -14,7 +14,9 @@ def random_block_mask(out, r, block, keep, seed=0):
     return mask
 
 
-@pytest.mark.parametrize("out, r, block", [(64, 32, (32, 32)), (70, 16, (32, 8)), (5, 4, (1, 1)), (33, 6, (16, 3)), (3, 8, (32, 8))])
+@pytest.mark.parametrize(
+    "out, r, block", [(64, 32, (32, 32)), (70, 16, (32, 8)), (5, 4, (1, 1)), (33, 6, (16, 3)), (3, 8, (32, 8))]
+)
 @pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
 def test_mask_round_trip(out, r, block, keep):
     mask = random_block_mask(out, r, block, keep)

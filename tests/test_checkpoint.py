@@ -23,9 +23,9 @@ def saved(tmp_path, sparsity=None, seed=3):
     return model, save_lori(model, tmp_path / "adapter")
 
 
-def logits(model, ids=torch.arange(10).reshape(1, 10)):
+def logits(model):
     with torch.no_grad():
-        return model(ids).logits
+        return model(torch.arange(10).reshape(1, 10)).logits
 
 
 @pytest.mark.parametrize("sparsity", [None, 0.9])
@@ -41,8 +41,11 @@ def test_round_trip_into_a_fresh_base_model(tmp_path, sparsity):
 
 def test_load_into_a_model_with_the_same_adapter_and_seed_follows_the_file(tmp_path):
     model, path = saved(tmp_path, 0.9, seed=7)
-    target = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=99),
-                                 masks={n: l.mask() for n, l in lori.lori_layers(model).items()})
+    target = lori.get_lori_model(
+        tiny_model(),
+        LoRIConfig(r=8, block=(16, 8), seed=99),
+        masks={n: layer.mask() for n, layer in lori.lori_layers(model).items()},
+    )
     load_lori(target, path)
     torch.testing.assert_close(logits(target), logits(model))
 
@@ -62,15 +65,22 @@ def test_size_against_peft_lora_at_llama_proportions(tmp_path):
     adapter (A and B dense; fp32 both)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=3584, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32))
     randomize_b(model)
     masks = extract_masks(model, 0.9)
     lori_s = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32), masks=masks)
     path = save_lori(lori_s, tmp_path / "adapter")
     ours = sum(f.stat().st_size for f in path.iterdir())
-    peft_bytes = 4 * sum(32 * (l.in_features + l.out_features) for l in lori.lori_layers(lori_s).values())
+    peft_bytes = 4 * sum(32 * (layer.in_features + layer.out_features) for layer in lori.lori_layers(lori_s).values())
     assert ours <= 0.055 * peft_bytes, f"{ours} bytes = {ours / peft_bytes:.2%} of PEFT's {peft_bytes}"
 
 
@@ -111,13 +121,17 @@ def corrupt_cases(path):
 
     def resave(mutate):
         def run():
-            from safetensors.torch import load_file, save_file
             import hashlib
+
+            from safetensors.torch import load_file, save_file
 
             t = load_file(tensors)
             mutate(t)
             save_file(t, tensors)
-            config.write_text(json.dumps({**manifest, "adapter_sha256": hashlib.sha256(tensors.read_bytes()).hexdigest()}))
+            config.write_text(
+                json.dumps({**manifest, "adapter_sha256": hashlib.sha256(tensors.read_bytes()).hexdigest()})
+            )
+
         return run
 
     first = next(iter(manifest["layers"]))
@@ -133,13 +147,24 @@ def corrupt_cases(path):
         ("pickle", pickle_instead, "truncated or corrupted"),
         ("nan", resave(lambda t: t[f"{first}.b_values"].view(-1).__setitem__(0, float("nan"))), "NaN or Inf"),
         ("block out of range", resave(lambda t: t[f"{first}.b_blocks"].__setitem__((0, 0), 99)), "out of range"),
-        ("duplicate block", resave(lambda t: t[f"{first}.b_blocks"].__setitem__(1, t[f"{first}.b_blocks"][0].clone())),
-         "duplicated"),
+        (
+            "duplicate block",
+            resave(lambda t: t[f"{first}.b_blocks"].__setitem__(1, t[f"{first}.b_blocks"][0].clone())),
+            "duplicated",
+        ),
         ("seed dtype", resave(lambda t: t.update({f"{first}.seed": t[f"{first}.seed"].int()})), "must be one int64"),
         ("b_blocks dtype", resave(lambda t: t.update({f"{first}.b_blocks": t[f"{first}.b_blocks"].long()})), "int32"),
-        ("extra tensor", resave(lambda t: t.update({"lm_head.weight": torch.zeros(2)})), "unexpected \\['lm_head.weight'\\]"),
+        (
+            "extra tensor",
+            resave(lambda t: t.update({"lm_head.weight": torch.zeros(2)})),
+            "unexpected \\['lm_head.weight'\\]",
+        ),
         ("missing tensor", resave(lambda t: t.pop(f"{first}.b_values")), "missing"),
-        ("wrong block shape", resave(lambda t: t.update({f"{first}.b_values": t[f"{first}.b_values"][:, :8].contiguous()})), "b_values must have shape"),
+        (
+            "wrong block shape",
+            resave(lambda t: t.update({f"{first}.b_values": t[f"{first}.b_values"][:, :8].contiguous()})),
+            "b_values must have shape",
+        ),
     ]
 
 

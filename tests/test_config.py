@@ -5,7 +5,15 @@ from lori import LoRIConfig
 
 def test_defaults_are_the_lori_recipe():
     c = LoRIConfig()
-    assert (c.r, c.alpha, c.scaling, c.block, c.dropout, c.sparsity, c.dist) == (32, 64.0, 2.0, (32, 32), 0.0, 0.9, "uniform")
+    assert (c.r, c.alpha, c.scaling, c.block, c.dropout, c.sparsity, c.dist) == (
+        32,
+        64.0,
+        2.0,
+        (32, 32),
+        0.0,
+        0.9,
+        "uniform",
+    )
     assert "down_proj" in c.target_modules
     assert LoRIConfig(r=8).block == (32, 8)
     assert LoRIConfig(r=8).alpha == 16

@@ -53,7 +53,7 @@ def test_chat_template_and_response_only_labels(tokenizer):
     item = tokenize_example(tokenizer, {"prompt": "abc", "response": "xyz"}, 64)
     text = tokenizer.decode(item["input_ids"])
     assert text == "<s>Q:abc\nA:xyz</s>"
-    answer = [t for t, label in zip(item["input_ids"], item["labels"]) if label != IGNORE_INDEX]
+    answer = [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE_INDEX]
     assert tokenizer.decode(answer) == "xyz</s>"
 
 
@@ -66,10 +66,15 @@ def test_without_chat_template_eos_ends_the_response(tokenizer):
 
 
 def test_truncation_and_padding(tokenizer):
-    items = [tokenize_example(tokenizer, e, 8) for e in ({"prompt": "abcdef", "response": "ghijkl"}, {"prompt": "a", "response": "b"})]
+    items = [
+        tokenize_example(tokenizer, e, 8)
+        for e in ({"prompt": "abcdef", "response": "ghijkl"}, {"prompt": "a", "response": "b"})
+    ]
     assert len(items[0]["input_ids"]) == 8
     batch = collate(items, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 8)
-    assert batch["attention_mask"][1].tolist() == [1] * len(items[1]["input_ids"]) + [0] * (8 - len(items[1]["input_ids"]))
-    assert (batch["labels"][1, len(items[1]["input_ids"]):] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][1].tolist() == [1] * len(items[1]["input_ids"]) + [0] * (
+        8 - len(items[1]["input_ids"])
+    )
+    assert (batch["labels"][1, len(items[1]["input_ids"]) :] == IGNORE_INDEX).all()
     assert batch["input_ids"].dtype == torch.long

@@ -99,13 +99,26 @@ def bad_calls(ext):
         (lambda: ext.shrink(x, SEED, 8, "normal", 0.0, 0), "shrink: dist must be"),
         (lambda: ext.shrink(x, SEED, 8, "uniform", 1.0, 0), r"shrink: dropout_p must be in \[0, 1\)"),
         (lambda: ext.shrink_backward_(x.clone(), h.double(), SEED, "uniform", 0.0, 0), "shrink_backward_: g has dtype"),
-        (lambda: ext.shrink_backward_(x.clone(), h[:3], SEED, "uniform", 0.0, 0), "shrink_backward_: g has 3 rows but dx has 21"),
+        (
+            lambda: ext.shrink_backward_(x.clone(), h[:3], SEED, "uniform", 0.0, 0),
+            "shrink_backward_: g has 3 rows but dx has 21",
+        ),
         (lambda: ext.expand_(dy.clone(), h, bv, bb.long(), 1.0), "expand_: b_blocks must be an int32"),
-        (lambda: ext.expand_(dy.clone(), h, bv[:1], bb, 1.0), f"expand_: b_blocks has {bb.shape[0]} blocks but b_values has 1"),
+        (
+            lambda: ext.expand_(dy.clone(), h, bv[:1], bb, 1.0),
+            f"expand_: b_blocks has {bb.shape[0]} blocks but b_values has 1",
+        ),
         (lambda: ext.expand_(dy.clone(), h, bv.half(), bb, 1.0), "expand_: b_values has dtype"),
-        (lambda: ext.expand_(dy.clone(), h, torch.zeros(3, 32, 4), torch.tensor([[0, 0], [3, 0], [4, 1]], dtype=torch.int32), 1.0),
-         r"expand_: b_blocks\[1\] = \(3, 0\) is out of range: B has 3 block rows and 2 block columns"),
-        (lambda: ext.expand_backward(dy, bv, bb.flip(0).contiguous(), 8, 1.0), "expand_backward: b_blocks must be sorted"),
+        (
+            lambda: ext.expand_(
+                dy.clone(), h, torch.zeros(3, 32, 4), torch.tensor([[0, 0], [3, 0], [4, 1]], dtype=torch.int32), 1.0
+            ),
+            r"expand_: b_blocks\[1\] = \(3, 0\) is out of range: B has 3 block rows and 2 block columns",
+        ),
+        (
+            lambda: ext.expand_backward(dy, bv, bb.flip(0).contiguous(), 8, 1.0),
+            "expand_backward: b_blocks must be sorted",
+        ),
         (lambda: ext.expand_backward(dy, bv, bb, 6, 1.0), "expand_backward: block .* does not fit r=6"),
         (lambda: ext.sddmm(dy, h, bb.t(), 32, 4, 1.0), "sddmm: b_blocks must be an int32 tensor \\[nnz, 2\\]"),
     ]

@@ -61,7 +61,7 @@ def check_against_reference(backend, device, lead, inp, out, r, block, keep, dro
     layer = cast(layer64, dtype)
     plain = forward_backward(layer, x.to(dtype), dy.to(dtype), r, block, dropout_p, "reference")
     ours = forward_backward(layer, x.to(dtype), dy.to(dtype), r, block, dropout_p, backend)
-    for got, same, want in zip(ours, plain, truth):
+    for got, same, want in zip(ours, plain, truth, strict=True):
         assert got.dtype == dtype and got.shape == want.shape
         assert_error_earned(got, same, want)
 
@@ -90,8 +90,9 @@ def test_all_blocks_dropped_is_the_base_linear(backend):
     name, device = backend
     layer = make_layer(64, 32, 16, (32, 16), keep=0.0, device=device)
     x = torch.randn(19, 32, device=device)
-    torch.testing.assert_close(run(layer, x, 16, (32, 16), backend=name),
-                               torch.nn.functional.linear(x, layer["weight"], layer["bias"]))
+    torch.testing.assert_close(
+        run(layer, x, 16, (32, 16), backend=name), torch.nn.functional.linear(x, layer["weight"], layer["bias"])
+    )
 
 
 def test_noncontiguous_input_and_partial_gradients(backend):
@@ -114,7 +115,9 @@ def test_saves_only_h(backend, dropout_p):
     b_values = layer["b_values"].clone().requires_grad_()
     frozen = (layer["weight"], layer["bias"], b_values, layer["b_blocks"])
     base = saved_bytes(lambda: torch.nn.functional.linear(x, layer["weight"], layer["bias"]), frozen)
-    ours = saved_bytes(lambda: run(dict(layer, b_values=b_values), x, 16, (32, 16), dropout_p=dropout_p, backend=name), frozen)
+    ours = saved_bytes(
+        lambda: run(dict(layer, b_values=b_values), x, 16, (32, 16), dropout_p=dropout_p, backend=name), frozen
+    )
     assert ours == base + 40 * 16 * 4
 
 
@@ -138,7 +141,7 @@ def test_torch_compile_fullgraph_and_checkpointing(backend):
     compiled = grads(torch.compile(f, fullgraph=True, backend="inductor" if GPU else "aot_eager"))
     checkpointed = grads(lambda xx, bv: torch.utils.checkpoint.checkpoint(f, xx, bv, use_reentrant=False))
     for other in (compiled, checkpointed):
-        for a, b in zip(eager, other):
+        for a, b in zip(eager, other, strict=True):
             torch.testing.assert_close(a, b)
 
 

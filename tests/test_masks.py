@@ -42,7 +42,7 @@ def test_keeps_the_largest_blocks_globally():
             layer.b_values.fill_(0.01)
         layers[3].b_values[1] = 5.0  # the one block that must survive at high sparsity
         layers[0].b_values[0] = 4.0
-    masks = extract_masks(model, 1 - 2 / sum(l.b_values.shape[0] for l in layers))
+    masks = extract_masks(model, 1 - 2 / sum(layer.b_values.shape[0] for layer in layers))
     kept = {name: int(m.sum()) for name, m in masks.items() if m.any()}
     assert kept == {list(masks)[0]: 16 * 8, list(masks)[3]: 16 * 8}
     assert masks[list(masks)[3]][16:32].all()
@@ -91,6 +91,7 @@ def test_bad_mask_files_and_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_masks(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
+
     save_file({"w": torch.ones(2, 2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="not a LoRI masks file"):
         load_masks(tmp_path / "foreign.safetensors")

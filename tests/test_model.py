@@ -8,14 +8,24 @@ import lori
 from lori import LoRIConfig, LoRILinear
 from lori_kernels import rng
 
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def tiny_model(kind="llama", seed=0):
     torch.manual_seed(seed)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[kind]
     return model_cls(config_cls(**TINY)).eval()
 
 
@@ -58,7 +68,9 @@ def test_same_outputs_as_peft_with_the_same_a_and_b():
     ids = torch.randint(0, 97, (2, 9))
     ours = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8)))
     randomize_b(ours)
-    theirs = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(lori.DEFAULT_TARGET_MODULES)))
+    theirs = peft.get_peft_model(
+        tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(lori.DEFAULT_TARGET_MODULES))
+    )
     with torch.no_grad():
         for name, layer in lori.lori_layers(ours).items():
             peft_layer = theirs.base_model.model.get_submodule(name)
@@ -70,12 +82,16 @@ def test_same_outputs_as_peft_with_the_same_a_and_b():
 def test_masks_make_lori_s():
     model = tiny_model()
     config = LoRIConfig(r=8, block=(16, 8))
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules
+    ]
     masks = {}
     for i, name in enumerate(names):
         out = model.get_submodule(name).out_features
         mask = torch.zeros(out, 8, dtype=torch.bool)
-        mask[16 * (i % 2): 16 * (i % 2) + 16] = True
+        mask[16 * (i % 2) : 16 * (i % 2) + 16] = True
         masks[name] = mask
     lori.get_lori_model(model, config, masks=masks)
     for name, layer in lori.lori_layers(model).items():
@@ -136,7 +152,7 @@ def test_dropout_under_activation_checkpointing():
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([layer.b_values.grad.clone() for layer in lori.lori_layers(model).values()])
         assert all(layer.dropout_calls == 1 for layer in lori.lori_layers(model).values())
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -157,7 +173,11 @@ def test_one_adamw_step_equals_peft_with_masked_gradient():
     peft = pytest.importorskip("peft")
     config = LoRIConfig(r=8, block=(16, 8))
     model = tiny_model()
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(tuple(config.target_modules))]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.endswith(tuple(config.target_modules))
+    ]
     g = torch.Generator().manual_seed(3)
     masks = {}
     for n in names:
@@ -166,7 +186,9 @@ def test_one_adamw_step_equals_peft_with_masked_gradient():
         masks[n] = rows.repeat_interleave(16)[:out, None].expand(out, 8).clone()
     ours = lori.get_lori_model(model, config, masks=masks).train()
     randomize_b(ours)
-    theirs = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(config.target_modules))).train()
+    theirs = peft.get_peft_model(
+        tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(config.target_modules))
+    ).train()
     with torch.no_grad():
         for name, layer in lori.lori_layers(ours).items():
             p = theirs.base_model.model.get_submodule(name)

@@ -106,7 +106,7 @@ def test_low_precision_error_is_torchs(dtype, dropout_p):
     truth = dense(layer64, x64, dy64)
     got_all = ours(layer, x64.to(dtype), dy64.to(dtype))
     plain = dense(layer, x64.to(dtype), dy64.to(dtype))
-    for got, same, want in zip(got_all, plain, truth):
+    for got, same, want in zip(got_all, plain, truth, strict=True):
         assert got.dtype == dtype
         assert_error_earned(got, same, want)
 
@@ -190,8 +190,15 @@ def test_double_backward_is_refused():
 def bad(**changes):
     layer = make_layer(70, 48, 8, (32, 4), keep=0.5)
     args = dict(
-        x=torch.randn(3, 48), weight=layer["weight"], bias=layer["bias"], seed=layer["seed"],
-        b_values=layer["b_values"], b_blocks=layer["b_blocks"], r=8, block=(32, 4), scaling=2.0,
+        x=torch.randn(3, 48),
+        weight=layer["weight"],
+        bias=layer["bias"],
+        seed=layer["seed"],
+        b_values=layer["b_values"],
+        b_blocks=layer["b_blocks"],
+        r=8,
+        block=(32, 4),
+        scaling=2.0,
         backend="reference",
     )
     args.update(changes)
@@ -202,16 +209,32 @@ def bad(**changes):
     "args, error, message",
     [
         (bad(x=torch.randn(3, 47)), ValueError, "x has 47 features"),
-        (bad(x=torch.randn(3, 48, dtype=torch.float64)), TypeError, "weight has dtype torch.float32 but x has torch.float64"),
+        (
+            bad(x=torch.randn(3, 48, dtype=torch.float64)),
+            TypeError,
+            "weight has dtype torch.float32 but x has torch.float64",
+        ),
         (bad(x=torch.randint(0, 3, (3, 48))), TypeError, "x must be float16, bfloat16"),
         (bad(weight=torch.randn(70, 48, device="meta")), ValueError, "weight is on meta"),
         (bad(weight=torch.randn(70, 48, requires_grad=True)), ValueError, "weight requires grad"),
         (bad(weight=torch.randn(70, 48, 1)), ValueError, "weight must be 2-D"),
         (bad(bias=torch.randn(69)), ValueError, r"bias must have shape \[70\]"),
         (bad(bias=torch.randn(70, dtype=torch.float16)), TypeError, "bias has dtype"),
-        (bad(b_values=torch.randn(1, 32, 4, dtype=torch.float16), b_blocks=torch.zeros(1, 2, dtype=torch.int32)), TypeError, "b_values has dtype"),
-        (bad(b_blocks=torch.tensor([[0, 0], [3, 1]], dtype=torch.int32), b_values=torch.randn(2, 32, 4)), ValueError, r"b_blocks\[1\] = \(3, 1\) is out of range"),
-        (bad(b_blocks=torch.tensor([[1, 1], [0, 0]], dtype=torch.int32), b_values=torch.randn(2, 32, 4)), ValueError, "not sorted"),
+        (
+            bad(b_values=torch.randn(1, 32, 4, dtype=torch.float16), b_blocks=torch.zeros(1, 2, dtype=torch.int32)),
+            TypeError,
+            "b_values has dtype",
+        ),
+        (
+            bad(b_blocks=torch.tensor([[0, 0], [3, 1]], dtype=torch.int32), b_values=torch.randn(2, 32, 4)),
+            ValueError,
+            r"b_blocks\[1\] = \(3, 1\) is out of range",
+        ),
+        (
+            bad(b_blocks=torch.tensor([[1, 1], [0, 0]], dtype=torch.int32), b_values=torch.randn(2, 32, 4)),
+            ValueError,
+            "not sorted",
+        ),
         (bad(b_values=torch.randn(2, 32, 4), b_blocks=torch.zeros(2, 2, dtype=torch.int64)), TypeError, "int32"),
         (bad(block=(32, 3)), ValueError, "br=3 must divide r=8"),
         (bad(dist="gauss"), ValueError, "dist must be one of"),
@@ -224,4 +247,12 @@ def bad(**changes):
 def test_bad_input_is_named(args, error, message):
     x = args.pop("x")
     with pytest.raises(error, match=message):
-        lori_kernels.lori_linear(x, args.pop("weight"), args.pop("bias"), args.pop("seed"), args.pop("b_values"), args.pop("b_blocks"), **args)
+        lori_kernels.lori_linear(
+            x,
+            args.pop("weight"),
+            args.pop("bias"),
+            args.pop("seed"),
+            args.pop("b_values"),
+            args.pop("b_blocks"),
+            **args,
+        )

@@ -60,7 +60,7 @@ def test_random_words_tiles_agree_with_whole_matrix():
     whole = rng.random_words(99, 0, 13, 0, 7, 0, 13)
     for row0, rows, col0, cols in [(0, 7, 0, 13), (1, 3, 2, 5), (6, 1, 12, 1), (2, 4, 3, 0)]:
         tile = rng.random_words(99, 0, 13, row0, rows, col0, cols)
-        assert torch.equal(tile, whole[row0:row0 + rows, col0:col0 + cols])
+        assert torch.equal(tile, whole[row0 : row0 + rows, col0 : col0 + cols])
     flat = rng.random_words(99, 0, 1, 0, 91, 0, 1).reshape(7, 13)
     assert torch.equal(flat, whole)
 

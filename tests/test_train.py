@@ -27,8 +27,18 @@ def world(tmp_path_factory):
 
 
 def config(world, output, **changes):
-    settings = dict(model=str(world / "base"), data=str(world / "train.jsonl"), output=str(output), r=8, block=(16, 8),
-                    lr=3e-3, epochs=1, batch_size=8, progress=False, log_every=100)
+    settings = dict(
+        model=str(world / "base"),
+        data=str(world / "train.jsonl"),
+        output=str(output),
+        r=8,
+        block=(16, 8),
+        lr=3e-3,
+        epochs=1,
+        batch_size=8,
+        progress=False,
+        log_every=100,
+    )
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -72,20 +82,55 @@ def test_fsdp2_on_two_processes_equals_one(world, tmp_path):
     losses as one process (the loss is normalised by the global token count). Without
     dropout: its masks depend on how a batch is split across processes."""
     single = train(config(world, tmp_path / "one", batch_size=8, grad_accum=2, max_steps=6))
-    args = ["--model", str(world / "base"), "--data", str(world / "train.jsonl"), "--output", str(tmp_path / "two"),
-            "--rank", "8", "--block", "16,8", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "2",
-            "--max-steps", "6", "--no-progress", "--log-every", "1"]
-    run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "lori.cli", "train", *args])
+    args = [
+        "--model",
+        str(world / "base"),
+        "--data",
+        str(world / "train.jsonl"),
+        "--output",
+        str(tmp_path / "two"),
+        "--rank",
+        "8",
+        "--block",
+        "16,8",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "6",
+        "--no-progress",
+        "--log-every",
+        "1",
+    ]
+    run_cli(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lori.cli",
+            "train",
+            *args,
+        ]
+    )
     two = lori.load_lori(toy_base(world), tmp_path / "two" / "adapter")
     one = lori.load_lori(toy_base(world), single["adapter"])
     for name, layer in lori.lori_layers(one).items():
         torch.testing.assert_close(lori.lori_layers(two)[name].b_values, layer.b_values, rtol=1e-3, atol=2e-5)
 
 
-@pytest.mark.parametrize("changes", [
-    dict(),
-    dict(dropout=0.2, grad_accum=2, batch_size=4, clip_mode="per_tensor", activation_checkpointing=True),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(dropout=0.2, grad_accum=2, batch_size=4, clip_mode="per_tensor", activation_checkpointing=True),
+    ],
+)
 def test_resumed_run_continues_identically(world, tmp_path, changes):
     """A run restarted from its step-4 checkpoint (all a killed run leaves) gives the loss
     curve and adapter of the uninterrupted run."""
@@ -111,26 +156,74 @@ def test_checkpoints_are_pruned_and_resume_checks_settings(world, tmp_path):
 
 
 def test_cli_extract_masks_and_eval(world, tmp_path):
-    run_cli([sys.executable, "-m", "lori.cli", "train", "--model", str(world / "base"), "--data", str(world / "train.jsonl"),
-             "--output", str(tmp_path / "d"), "--rank", "8", "--block", "16,8", "--lr", "3e-3", "--no-progress"])
-    run_cli([sys.executable, "-m", "lori.cli", "extract-masks", "--model", str(world / "base"), "--adapter",
-             str(tmp_path / "d" / "adapter"), "--sparsity", "0.75", "--output", str(tmp_path / "m.safetensors")])
+    run_cli(
+        [
+            sys.executable,
+            "-m",
+            "lori.cli",
+            "train",
+            "--model",
+            str(world / "base"),
+            "--data",
+            str(world / "train.jsonl"),
+            "--output",
+            str(tmp_path / "d"),
+            "--rank",
+            "8",
+            "--block",
+            "16,8",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+        ]
+    )
+    run_cli(
+        [
+            sys.executable,
+            "-m",
+            "lori.cli",
+            "extract-masks",
+            "--model",
+            str(world / "base"),
+            "--adapter",
+            str(tmp_path / "d" / "adapter"),
+            "--sparsity",
+            "0.75",
+            "--output",
+            str(tmp_path / "m.safetensors"),
+        ]
+    )
     masks = lori.load_masks(tmp_path / "m.safetensors")
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == pytest.approx(0.25 * total, rel=0.02)
-    out = run_cli([sys.executable, "-m", "lori.cli", "eval", "--model", str(world / "base"), "--adapter",
-                   str(tmp_path / "d" / "adapter"), "--data", str(world / "test.jsonl")])
+    out = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "lori.cli",
+            "eval",
+            "--model",
+            str(world / "base"),
+            "--adapter",
+            str(tmp_path / "d" / "adapter"),
+            "--data",
+            str(world / "test.jsonl"),
+        ]
+    )
     figures = json.loads(out.strip().splitlines()[-1])
     assert set(figures) == {"loss", "exact_match"}
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(schedule="linear"), "schedule must be"),
-    (dict(clip_mode="norm"), "clip_mode must be"),
-    (dict(precision="fp8"), "precision must be"),
-    (dict(batch_size=0), "batch_size must be at least 1"),
-    (dict(max_steps=0), "max_steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(schedule="linear"), "schedule must be"),
+        (dict(clip_mode="norm"), "clip_mode must be"),
+        (dict(precision="fp8"), "precision must be"),
+        (dict(batch_size=0), "batch_size must be at least 1"),
+        (dict(max_steps=0), "max_steps must be at least 1"),
+    ],
+)
 def test_bad_training_settings_are_named(world, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         config(world, tmp_path, **changes)

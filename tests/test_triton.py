@@ -23,9 +23,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_a_golden(golden):
     for key in ["a_uniform", "a_rademacher"]:
         case = golden[key]
-        a = philox.generate_a_tile(case["seed"], case["d_in"], 0, case["r"], 0, case["d_in"],
-                                   dist=case["dist"], device=DEVICE)
-        assert_bitwise_equal(a.cpu(), rng.generate_a_tile(case["seed"], case["d_in"], 0, case["r"], 0, case["d_in"], dist=case["dist"]))
+        a = philox.generate_a_tile(
+            case["seed"], case["d_in"], 0, case["r"], 0, case["d_in"], dist=case["dist"], device=DEVICE
+        )
+        assert_bitwise_equal(
+            a.cpu(), rng.generate_a_tile(case["seed"], case["d_in"], 0, case["r"], 0, case["d_in"], dist=case["dist"])
+        )
 
 
 @pytest.mark.parametrize("dist", ["uniform", "rademacher"])
@@ -33,8 +36,14 @@ def test_a_tiles_match_torch_rng(dist):
     """Aligned (d_in % 4 == 0: one Philox call per four elements) and unaligned tiles,
     seeds >= 2^63, flat indices past 2^32 and 2^63."""
     rand = random.Random(dist)
-    cases = [(40, 0, 8, 0, 40), (41, 0, 8, 0, 41), (4096, 3, 5, 128, 100), (2**20 + 3, 4097, 2, 100, 1001),
-             (2**31 - 1, 2**32 + 5, 2, 2**31 - 1002, 1001), (2**30, 2**33 + 5, 2, 2**29, 100)]
+    cases = [
+        (40, 0, 8, 0, 40),
+        (41, 0, 8, 0, 41),
+        (4096, 3, 5, 128, 100),
+        (2**20 + 3, 4097, 2, 100, 1001),
+        (2**31 - 1, 2**32 + 5, 2, 2**31 - 1002, 1001),
+        (2**30, 2**33 + 5, 2, 2**29, 100),
+    ]
     for d_in, row0, rows, col0, cols in cases:
         seed = rand.choice([0, 2**64 - 1, rand.getrandbits(64) | 2**63, rand.getrandbits(64)])
         got = philox.generate_a_tile(seed, d_in, row0, rows, col0, cols, dist=dist, device=DEVICE)
@@ -65,8 +74,11 @@ def test_opcheck():
     x = torch.randn(20, 40, device=DEVICE, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
     args = (x, layer["weight"], layer["bias"], b_values, layer["b_blocks"], -3, 8, 2.0, "uniform", 0.1, 5)
-    torch.library.opcheck(torch.ops.lori_triton.forward.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.lori_triton.forward.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 def test_backend_selection(monkeypatch):

@@ -47,9 +47,25 @@ def _configs():
 
 @triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
 @triton.jit
-def _expand_kernel(h_ptr, bv_ptr, bb_ptr, row_ptr, y_ptr, M, N, R, stride_ym, stride_yn, scaling,
-                   BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr, BR_PAD: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _expand_kernel(
+    h_ptr,
+    bv_ptr,
+    bb_ptr,
+    row_ptr,
+    y_ptr,
+    M,
+    N,
+    R,
+    stride_ym,
+    stride_yn,
+    scaling,
+    BO: tl.constexpr,
+    BR: tl.constexpr,
+    BO_PAD: tl.constexpr,
+    BR_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     i = tl.program_id(1)
     start = tl.load(row_ptr + i)
@@ -60,10 +76,14 @@ def _expand_kernel(h_ptr, bv_ptr, bb_ptr, row_ptr, y_ptr, M, N, R, stride_ym, st
     acc = tl.zeros([BLOCK_M, BO_PAD], dtype=tl.float32)
     for t in range(start, end):
         j = tl.load(bb_ptr + 2 * t + 1)
-        hb = tl.load(h_ptr + rm[:, None] * R + (j * BR + rc)[None, :],
-                     mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0)
-        b = tl.load(bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
-                    mask=(ro[:, None] < BO) & (rc[None, :] < BR), other=0.0)
+        hb = tl.load(
+            h_ptr + rm[:, None] * R + (j * BR + rc)[None, :], mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0
+        )
+        b = tl.load(
+            bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
+            mask=(ro[:, None] < BO) & (rc[None, :] < BR),
+            other=0.0,
+        )
         acc = tl.dot(hb, tl.trans(b), acc, input_precision=PRECISION)
     if end > start:
         cols = i * BO + ro
@@ -75,10 +95,26 @@ def _expand_kernel(h_ptr, bv_ptr, bb_ptr, row_ptr, y_ptr, M, N, R, stride_ym, st
 
 @triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
 @triton.jit
-def _expand_backward_kernel(dy_ptr, bv_ptr, bb_ptr, col_ptr, col_order, g_ptr, M, N, R,
-                            stride_dm, stride_dn, scaling,
-                            BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr,
-                            BR_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _expand_backward_kernel(
+    dy_ptr,
+    bv_ptr,
+    bb_ptr,
+    col_ptr,
+    col_order,
+    g_ptr,
+    M,
+    N,
+    R,
+    stride_dm,
+    stride_dn,
+    scaling,
+    BO: tl.constexpr,
+    BR: tl.constexpr,
+    BO_PAD: tl.constexpr,
+    BR_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     j = tl.program_id(1)
     start = tl.load(col_ptr + j)
@@ -90,17 +126,27 @@ def _expand_backward_kernel(dy_ptr, bv_ptr, bb_ptr, col_ptr, col_order, g_ptr, M
     for t in range(start, end):
         k = tl.load(col_order + t)
         cols = tl.load(bb_ptr + 2 * k) * BO + ro
-        dyb = tl.load(dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
-                      mask=(rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :], other=0.0)
-        b = tl.load(bv_ptr + k * BO * BR + ro[:, None] * BR + rc[None, :],
-                    mask=(ro[:, None] < BO) & (rc[None, :] < BR), other=0.0)
+        dyb = tl.load(
+            dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+            mask=(rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            bv_ptr + k * BO * BR + ro[:, None] * BR + rc[None, :],
+            mask=(ro[:, None] < BO) & (rc[None, :] < BR),
+            other=0.0,
+        )
         acc = tl.dot(dyb, b, acc, input_precision=PRECISION)
-    tl.store(g_ptr + rm[:, None] * R + (j * BR + rc)[None, :], (scaling * acc).to(g_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rc[None, :] < BR))
+    tl.store(
+        g_ptr + rm[:, None] * R + (j * BR + rc)[None, :],
+        (scaling * acc).to(g_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rc[None, :] < BR),
+    )
 
 
-def expand_(y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor,
-            scaling: float) -> torch.Tensor:
+def expand_(
+    y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """``y += scaling * h @ B.T`` in place over B's kept blocks; ``y`` [M, out],
     contiguous ``h`` [M, r]."""
     m, n = y.shape
@@ -110,14 +156,29 @@ def expand_(y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: 
     n_rows = -(-n // bo)
     index = block_index(b_blocks, n_rows, h.shape[1] // br)
     _expand_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_rows)](
-        h, b_values, b_blocks, index.row_ptr, y, m, n, h.shape[1], y.stride(0), y.stride(1), scaling,
-        BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(y.dtype),
+        h,
+        b_values,
+        b_blocks,
+        index.row_ptr,
+        y,
+        m,
+        n,
+        h.shape[1],
+        y.stride(0),
+        y.stride(1),
+        scaling,
+        BO=bo,
+        BR=br,
+        BO_PAD=tile(bo),
+        BR_PAD=tile(br),
+        PRECISION=dot_precision(y.dtype),
     )
     return y
 
 
-def expand_backward(dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, r: int,
-                    scaling: float) -> torch.Tensor:
+def expand_backward(
+    dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, r: int, scaling: float
+) -> torch.Tensor:
     """``g = scaling * dy @ B`` ``[M, r]`` over B's kept blocks, in dy's dtype."""
     m, n = dy.shape
     bo, br = b_values.shape[1:]
@@ -127,7 +188,22 @@ def expand_backward(dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Te
     n_cols = r // br
     index = block_index(b_blocks, -(-n // bo), n_cols)
     _expand_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_cols)](
-        dy, b_values, b_blocks, index.col_ptr, index.col_order, g, m, n, r, dy.stride(0), dy.stride(1),
-        scaling, BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(dy.dtype),
+        dy,
+        b_values,
+        b_blocks,
+        index.col_ptr,
+        index.col_order,
+        g,
+        m,
+        n,
+        r,
+        dy.stride(0),
+        dy.stride(1),
+        scaling,
+        BO=bo,
+        BR=br,
+        BO_PAD=tile(bo),
+        BR_PAD=tile(br),
+        PRECISION=dot_precision(dy.dtype),
     )
     return g

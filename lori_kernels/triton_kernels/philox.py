@@ -32,8 +32,9 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def random_words(key0, key1, stream: tl.constexpr, row_start, ROWS: tl.constexpr,
-                 COLS: tl.constexpr, ALIGNED: tl.constexpr):
+def random_words(
+    key0, key1, stream: tl.constexpr, row_start, ROWS: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr
+):
     """uint32 words ``[ROWS, COLS]`` of ``stream`` for flat indices ``row_start + c``,
     ``row_start`` a uint64 ``[ROWS, 1]``. ``ALIGNED``: every ``row_start`` is divisible
     by 4 and ``COLS`` too, so one Philox call serves four consecutive columns."""
@@ -42,8 +43,7 @@ def random_words(key0, key1, stream: tl.constexpr, row_start, ROWS: tl.constexpr
     if ALIGNED:
         q = row_start // 4 + tl.arange(0, COLS // 4)[None, :].to(tl.uint64)
         zero = tl.zeros([ROWS, COLS // 4], dtype=tl.uint32)
-        w0, w1, w2, w3 = philox4x32_10(q.to(tl.uint32), (q >> 32).to(tl.uint32), zero + stream,
-                                       zero, k0, k1)
+        w0, w1, w2, w3 = philox4x32_10(q.to(tl.uint32), (q >> 32).to(tl.uint32), zero + stream, zero, k0, k1)
         # Interleave the four lanes: column 4c + l holds lane l of call c.
         words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROWS, COLS])
     else:
@@ -51,8 +51,7 @@ def random_words(key0, key1, stream: tl.constexpr, row_start, ROWS: tl.constexpr
         q = i >> 2
         lane = i & 3
         zero = tl.zeros([ROWS, COLS], dtype=tl.uint32)
-        w0, w1, w2, w3 = philox4x32_10(q.to(tl.uint32), (q >> 32).to(tl.uint32), zero + stream,
-                                       zero, k0, k1)
+        w0, w1, w2, w3 = philox4x32_10(q.to(tl.uint32), (q >> 32).to(tl.uint32), zero + stream, zero, k0, k1)
         words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
     return words
 
@@ -74,8 +73,18 @@ def words_to_a(w, bound, RADEMACHER: tl.constexpr):
 
 
 @triton.jit
-def a_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
-           bound, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr):
+def a_tile(
+    key0,
+    key1,
+    d_in,
+    row0,
+    col0,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    bound,
+    RADEMACHER: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """float32 tile ``A[row0:row0+ROWS, col0:col0+COLS]`` of A ``[*, d_in]`` (unmasked:
     callers mask rows >= r and columns >= d_in)."""
     rows = (row0 + tl.arange(0, ROWS)).to(tl.uint64)
@@ -84,8 +93,7 @@ def a_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
 
 
 @triton.jit
-def dropout_keep_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr,
-                      p, ALIGNED: tl.constexpr):
+def dropout_keep_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr, p, ALIGNED: tl.constexpr):
     """Bool keep-mask of the input tile ``x[row0:row0+ROWS, col0:col0+COLS]`` (x viewed as
     ``[M, d_in]``): kept iff ``u >= float32(p)``."""
     rows = (row0 + tl.arange(0, ROWS)).to(tl.uint64)
@@ -94,20 +102,32 @@ def dropout_keep_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl
 
 
 @triton.jit(do_not_specialize=["key0", "key1", "row0"])
-def _rng_tile_kernel(out_ptr, key0, key1, width, row0, rows, col0, cols, bound, p,
-                     KEEP: tl.constexpr, RADEMACHER: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rng_tile_kernel(
+    out_ptr,
+    key0,
+    key1,
+    width,
+    row0,
+    rows,
+    col0,
+    cols,
+    bound,
+    p,
+    KEEP: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Writes a tile of A (float32) or, with KEEP, of a dropout keep-mask (int8)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     tile_row0 = row0 + pid_r * BLOCK_R
     tile_col0 = col0 + pid_c * BLOCK_C
     if KEEP:
-        value = dropout_keep_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, p,
-                                  ALIGNED).to(tl.int8)
+        value = dropout_keep_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, p, ALIGNED).to(tl.int8)
     else:
-        value = a_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, bound, RADEMACHER,
-                       ALIGNED)
+        value = a_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, bound, RADEMACHER, ALIGNED)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     tl.store(out_ptr + r * cols + c, value, mask=(r < rows) & (c < cols))
@@ -119,8 +139,9 @@ def split_seed(seed) -> tuple[int, int]:
     return s & 0xFFFFFFFF, s >> 32
 
 
-def _rng_tile(seed, width, row0, rows, col0, cols, *, dtype, device, bound=0.0, p=0.0,
-              keep=False, rademacher=False) -> torch.Tensor:
+def _rng_tile(
+    seed, width, row0, rows, col0, cols, *, dtype, device, bound=0.0, p=0.0, keep=False, rademacher=False
+) -> torch.Tensor:
     if min(row0, rows, col0, cols) < 0 or width <= 0 or col0 + cols > width:
         raise ValueError(f"tile [{row0}:{row0 + rows}, {col0}:{col0 + cols}] does not fit width {width}")
     out = torch.empty(rows, cols, dtype=dtype, device=device)
@@ -130,20 +151,44 @@ def _rng_tile(seed, width, row0, rows, col0, cols, *, dtype, device, bound=0.0, 
     block_r, block_c = 16, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     _rng_tile_kernel[grid](
-        out, key0, key1, width, row0, rows, col0, cols, bound, p, KEEP=keep, RADEMACHER=rademacher,
-        ALIGNED=width % 4 == 0 and col0 % 4 == 0, BLOCK_R=block_r, BLOCK_C=block_c,
+        out,
+        key0,
+        key1,
+        width,
+        row0,
+        rows,
+        col0,
+        cols,
+        bound,
+        p,
+        KEEP=keep,
+        RADEMACHER=rademacher,
+        ALIGNED=width % 4 == 0 and col0 % 4 == 0,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
     )
     return out
 
 
-def generate_a_tile(seed, d_in: int, row0: int, rows: int, col0: int, cols: int, *,
-                    dist: str = "uniform", device="cuda") -> torch.Tensor:
+def generate_a_tile(
+    seed, d_in: int, row0: int, rows: int, col0: int, cols: int, *, dist: str = "uniform", device="cuda"
+) -> torch.Tensor:
     """float32 ``A[row0:row0+rows, col0:col0+cols]`` written by a Triton kernel; equal bit
     for bit to ``lori_kernels.rng.generate_a_tile``."""
     if dist not in rng.DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {rng.DISTRIBUTIONS}, got {dist!r}")
-    return _rng_tile(seed, d_in, row0, rows, col0, cols, dtype=torch.float32, device=device,
-                     bound=rng.a_bound(d_in), rademacher=dist == "rademacher")
+    return _rng_tile(
+        seed,
+        d_in,
+        row0,
+        rows,
+        col0,
+        cols,
+        dtype=torch.float32,
+        device=device,
+        bound=rng.a_bound(d_in),
+        rademacher=dist == "rademacher",
+    )
 
 
 def dropout_keep(dropout_seed, p: float, m: int, d_in: int, *, row0: int = 0, device="cuda") -> torch.Tensor:
@@ -152,5 +197,4 @@ def dropout_keep(dropout_seed, p: float, m: int, d_in: int, *, row0: int = 0, de
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     p32 = float(torch.tensor(p, dtype=torch.float32))
-    return _rng_tile(dropout_seed, d_in, row0, m, 0, d_in, dtype=torch.int8, device=device, p=p32,
-                     keep=True).bool()
+    return _rng_tile(dropout_seed, d_in, row0, m, 0, d_in, dtype=torch.int8, device=device, p=p32, keep=True).bool()

@@ -17,14 +17,31 @@ from lori_kernels.triton_kernels.tuning import configs, dot_precision, processor
 
 
 @triton.autotune(
-    configs=configs([dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]],
-                    interpreter=dict(BLOCK_M=16)),
+    configs=configs(
+        [dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]], interpreter=dict(BLOCK_M=16)
+    ),
     key=["N", "R", "BO_PAD", "BR_PAD", "ROWS_PER_SPLIT"],
 )
 @triton.jit
-def _sddmm_kernel(dy_ptr, h_ptr, bb_ptr, out_ptr, M, N, R, NNZ, stride_dm, stride_dn, ROWS_PER_SPLIT,
-                  BO: tl.constexpr, BR: tl.constexpr, BO_PAD: tl.constexpr, BR_PAD: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _sddmm_kernel(
+    dy_ptr,
+    h_ptr,
+    bb_ptr,
+    out_ptr,
+    M,
+    N,
+    R,
+    NNZ,
+    stride_dm,
+    stride_dn,
+    ROWS_PER_SPLIT,
+    BO: tl.constexpr,
+    BR: tl.constexpr,
+    BO_PAD: tl.constexpr,
+    BR_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     k = tl.program_id(0)
     split = tl.program_id(1)
     cols = tl.load(bb_ptr + 2 * k) * BO + tl.arange(0, BO_PAD)
@@ -36,17 +53,23 @@ def _sddmm_kernel(dy_ptr, h_ptr, bb_ptr, out_ptr, M, N, R, NNZ, stride_dm, strid
     acc = tl.zeros([BO_PAD, BR_PAD], dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
-        dyb = tl.load(dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
-                      mask=(rm[:, None] < m_end) & ((ro < BO) & (cols < N))[None, :], other=0.0)
-        hb = tl.load(h_ptr + rm[:, None] * R + hcols[None, :],
-                     mask=(rm[:, None] < m_end) & (rc[None, :] < BR), other=0.0)
+        dyb = tl.load(
+            dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+            mask=(rm[:, None] < m_end) & ((ro < BO) & (cols < N))[None, :],
+            other=0.0,
+        )
+        hb = tl.load(
+            h_ptr + rm[:, None] * R + hcols[None, :], mask=(rm[:, None] < m_end) & (rc[None, :] < BR), other=0.0
+        )
         acc = tl.dot(tl.trans(dyb), hb, acc, input_precision=PRECISION)
-    tl.store(out_ptr + ((split * NNZ + k) * BO + ro[:, None]) * BR + rc[None, :], acc,
-             mask=(ro[:, None] < BO) & (rc[None, :] < BR))
+    tl.store(
+        out_ptr + ((split * NNZ + k) * BO + ro[:, None]) * BR + rc[None, :],
+        acc,
+        mask=(ro[:, None] < BO) & (rc[None, :] < BR),
+    )
 
 
-def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br: int,
-          scaling: float) -> torch.Tensor:
+def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br: int, scaling: float) -> torch.Tensor:
     """``db_values`` ``[nnz, bo, br]`` = ``scaling * dy.T @ h`` at the kept blocks, in
     dy's dtype; zero in the padded rows of a partial last block row."""
     m, n = dy.shape
@@ -58,7 +81,21 @@ def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br
     rows_per_split = triton.cdiv(m, splits)
     partial = torch.empty(splits, nnz, bo, br, dtype=torch.float32, device=dy.device)
     _sddmm_kernel[(nnz, splits)](
-        dy, h, b_blocks, partial, m, n, h.shape[1], nnz, dy.stride(0), dy.stride(1), rows_per_split,
-        BO=bo, BR=br, BO_PAD=tile(bo), BR_PAD=tile(br), PRECISION=dot_precision(dy.dtype),
+        dy,
+        h,
+        b_blocks,
+        partial,
+        m,
+        n,
+        h.shape[1],
+        nnz,
+        dy.stride(0),
+        dy.stride(1),
+        rows_per_split,
+        BO=bo,
+        BR=br,
+        BO_PAD=tile(bo),
+        BR_PAD=tile(br),
+        PRECISION=dot_precision(dy.dtype),
     )
     return (partial.sum(0) * scaling).to(dy.dtype)

@@ -20,26 +20,50 @@ from lori_kernels.triton_kernels.tuning import configs, dot_precision, tile
 
 def _configs():
     return configs(
-        [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w) for bm, bk, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]],
+        [
+            dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w)
+            for bm, bk, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
+        ],
         interpreter=dict(BLOCK_M=16, BLOCK_K=16),
     )
 
 
 @triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
-def _shrink_kernel(x_ptr, h_ptr, M, K, R, stride_xm, stride_xk,
-                   key0, key1, bound, dkey0, dkey1, p, keep_scale,
-                   R_PAD: tl.constexpr, RADEMACHER: tl.constexpr, DROPOUT: tl.constexpr,
-                   ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(
+    x_ptr,
+    h_ptr,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    keep_scale,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
     acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0.0,
+        )
         if DROPOUT:
             keep = dropout_keep_tile(dkey0, dkey1, K, pid * BLOCK_M, k0, BLOCK_M, BLOCK_K, p, ALIGNED)
             x = tl.where(keep, x, 0.0)
@@ -48,30 +72,49 @@ def _shrink_kernel(x_ptr, h_ptr, M, K, R, stride_xm, stride_xk,
         acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
     if DROPOUT:
         acc = acc * keep_scale
-    tl.store(h_ptr + rm[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rr[None, :] < R))
+    tl.store(
+        h_ptr + rm[:, None] * R + rr[None, :],
+        acc.to(h_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+    )
 
 
 @triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
-def _shrink_backward_kernel(g_ptr, dx_ptr, M, K, R, stride_dm, stride_dk,
-                            key0, key1, bound, dkey0, dkey1, p, keep_scale,
-                            R_PAD: tl.constexpr, RADEMACHER: tl.constexpr, DROPOUT: tl.constexpr,
-                            ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_backward_kernel(
+    g_ptr,
+    dx_ptr,
+    M,
+    K,
+    R,
+    stride_dm,
+    stride_dk,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    keep_scale,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R_PAD)
-    g = tl.load(g_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
-                other=0.0)
+    g = tl.load(g_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = a_tile(key0, key1, K, 0, pid_k * BLOCK_K, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
     a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(g.dtype)
     out = tl.dot(g, a, input_precision=PRECISION)
     if DROPOUT:
-        keep = dropout_keep_tile(dkey0, dkey1, K, pid_m * BLOCK_M, pid_k * BLOCK_K, BLOCK_M, BLOCK_K,
-                                 p, ALIGNED)
+        keep = dropout_keep_tile(dkey0, dkey1, K, pid_m * BLOCK_M, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, p, ALIGNED)
         out = tl.where(keep, out * keep_scale, 0.0)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     ptrs = dx_ptr + rm[:, None] * stride_dm + rk[None, :] * stride_dk
@@ -83,38 +126,60 @@ def _rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dic
     key0, key1 = split_seed(seed)
     dkey0, dkey1 = split_seed(dropout_seed)
     return dict(
-        key0=key0, key1=key1, bound=rng.a_bound(d_in), dkey0=dkey0, dkey1=dkey1,
+        key0=key0,
+        key1=key1,
+        bound=rng.a_bound(d_in),
+        dkey0=dkey0,
+        dkey1=dkey1,
         p=float(torch.tensor(dropout_p, dtype=torch.float32)),
         keep_scale=rng.dropout_scale(dropout_p) if dropout_p > 0 else 1.0,
-        RADEMACHER=dist == "rademacher", DROPOUT=dropout_p > 0, ALIGNED=d_in % 4 == 0,
+        RADEMACHER=dist == "rademacher",
+        DROPOUT=dropout_p > 0,
+        ALIGNED=d_in % 4 == 0,
     )
 
 
-def shrink(x: torch.Tensor, seed, r: int, dist: str = "uniform", dropout_p: float = 0.0,
-           dropout_seed=0) -> torch.Tensor:
+def shrink(
+    x: torch.Tensor, seed, r: int, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
+) -> torch.Tensor:
     """``h = (x * D) @ A.T`` for a 2-D ``x`` ``[M, in]``; ``h`` ``[M, r]`` in x's dtype."""
     m, k = x.shape
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     if m == 0:
         return h
     _shrink_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-        x, h, m, k, r, x.stride(0), x.stride(1),
+        x,
+        h,
+        m,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
         **_rng_args(seed, k, dist, dropout_p, dropout_seed),
-        R_PAD=tile(r), PRECISION=dot_precision(x.dtype),
+        R_PAD=tile(r),
+        PRECISION=dot_precision(x.dtype),
     )
     return h
 
 
-def shrink_backward_(dx: torch.Tensor, g: torch.Tensor, seed, dist: str = "uniform",
-                     dropout_p: float = 0.0, dropout_seed=0) -> torch.Tensor:
+def shrink_backward_(
+    dx: torch.Tensor, g: torch.Tensor, seed, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
+) -> torch.Tensor:
     """``dx += (g @ A) * D`` in place, for ``dx`` ``[M, in]`` and contiguous ``g`` ``[M, r]``."""
     m, k = dx.shape
     r = g.shape[1]
     if m == 0:
         return dx
     _shrink_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
-        g, dx, m, k, r, dx.stride(0), dx.stride(1),
+        g,
+        dx,
+        m,
+        k,
+        r,
+        dx.stride(0),
+        dx.stride(1),
         **_rng_args(seed, k, dist, dropout_p, dropout_seed),
-        R_PAD=tile(r), PRECISION=dot_precision(g.dtype),
+        R_PAD=tile(r),
+        PRECISION=dot_precision(g.dtype),
     )
     return dx

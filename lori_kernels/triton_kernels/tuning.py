@@ -35,7 +35,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def processor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (a small stand-in elsewhere)."""
     if device.type == "cuda":
