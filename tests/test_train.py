@@ -2,7 +2,6 @@
 continues the same loss curve; the command line."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -71,8 +70,14 @@ def toy_base(world):
     return AutoModelForCausalLM.from_pretrained(str(world / "base"))
 
 
-def run_cli(args, env=None):
-    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
+def train_args(world, output, *extra):
+    """`lori train` arguments matching ``config`` (r 8, block 16x8, lr 3e-3)."""
+    return ["train", "--model", str(world / "base"), "--data", str(world / "train.jsonl"), "--output", str(output),
+            "--rank", "8", "--block", "16,8", "--lr", "3e-3", "--no-progress", *extra]  # fmt: skip
+
+
+def run_cli(args):
+    out = subprocess.run(args, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -82,41 +87,9 @@ def test_fsdp2_on_two_processes_equals_one(world, tmp_path):
     losses as one process (the loss is normalised by the global token count). Without
     dropout: its masks depend on how a batch is split across processes."""
     single = train(config(world, tmp_path / "one", batch_size=8, grad_accum=2, max_steps=6))
-    args = [
-        "--model",
-        str(world / "base"),
-        "--data",
-        str(world / "train.jsonl"),
-        "--output",
-        str(tmp_path / "two"),
-        "--rank",
-        "8",
-        "--block",
-        "16,8",
-        "--lr",
-        "3e-3",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--max-steps",
-        "6",
-        "--no-progress",
-        "--log-every",
-        "1",
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lori.cli"]
     run_cli(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "lori.cli",
-            "train",
-            *args,
-        ]
+        [*launcher, *train_args(world, tmp_path / "two", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "6")]
     )
     two = lori.load_lori(toy_base(world), tmp_path / "two" / "adapter")
     one = lori.load_lori(toy_base(world), single["adapter"])
@@ -156,60 +129,14 @@ def test_checkpoints_are_pruned_and_resume_checks_settings(world, tmp_path):
 
 
 def test_cli_extract_masks_and_eval(world, tmp_path):
-    run_cli(
-        [
-            sys.executable,
-            "-m",
-            "lori.cli",
-            "train",
-            "--model",
-            str(world / "base"),
-            "--data",
-            str(world / "train.jsonl"),
-            "--output",
-            str(tmp_path / "d"),
-            "--rank",
-            "8",
-            "--block",
-            "16,8",
-            "--lr",
-            "3e-3",
-            "--no-progress",
-        ]
-    )
-    run_cli(
-        [
-            sys.executable,
-            "-m",
-            "lori.cli",
-            "extract-masks",
-            "--model",
-            str(world / "base"),
-            "--adapter",
-            str(tmp_path / "d" / "adapter"),
-            "--sparsity",
-            "0.75",
-            "--output",
-            str(tmp_path / "m.safetensors"),
-        ]
-    )
+    lori_cli = [sys.executable, "-m", "lori.cli"]
+    run_cli([*lori_cli, *train_args(world, tmp_path / "d")])
+    adapter = ["--model", str(world / "base"), "--adapter", str(tmp_path / "d" / "adapter")]
+    run_cli([*lori_cli, "extract-masks", *adapter, "--sparsity", "0.75", "--output", str(tmp_path / "m.safetensors")])
     masks = lori.load_masks(tmp_path / "m.safetensors")
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == pytest.approx(0.25 * total, rel=0.02)
-    out = run_cli(
-        [
-            sys.executable,
-            "-m",
-            "lori.cli",
-            "eval",
-            "--model",
-            str(world / "base"),
-            "--adapter",
-            str(tmp_path / "d" / "adapter"),
-            "--data",
-            str(world / "test.jsonl"),
-        ]
-    )
+    out = run_cli([*lori_cli, "eval", *adapter, "--data", str(world / "test.jsonl")])
     figures = json.loads(out.strip().splitlines()[-1])
     assert set(figures) == {"loss", "exact_match"}
 
