@@ -53,10 +53,6 @@ class CheckpointError(ValueError):
     """A LoRI checkpoint that cannot be loaded; the message says why."""
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def base_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of the base model's parameter names and shapes (LoRI parameters left out,
     wrapped layers under their original names), so it is the same before and after
@@ -92,7 +88,7 @@ class AdapterSnapshot:
             raise ValueError("the model has no LoRI adapters to save")
         self.tensors, shapes = {}, {}
         for name, layer in layers.items():
-            values = _full(layer.b_values).detach()
+            values = layer.full_b_values()
             self.tensors[f"{name}.seed"] = layer.seed.detach().reshape(1).cpu()
             self.tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
             self.tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()

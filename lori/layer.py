@@ -98,9 +98,15 @@ class LoRILinear(nn.Module):
             self.layer_seed, self.r, self.in_features, dist=self.dist, dtype=dtype, device=self.b_values.device
         )
 
+    def full_b_values(self) -> torch.Tensor:
+        """``b_values`` as one local tensor (detached), gathered if FSDP sharded it (a
+        collective then: every rank calls it)."""
+        values = self.b_values.detach()
+        return values.full_tensor() if hasattr(values, "full_tensor") else values
+
     def b_dense(self) -> torch.Tensor:
         """This layer's B ``[out, r]`` (float32, zero outside the kept blocks)."""
-        return block_sparse.scatter_blocks(self.b_values.detach().float(), self.b_blocks, self.out_features, self.r)
+        return block_sparse.scatter_blocks(self.full_b_values().float(), self.b_blocks, self.out_features, self.r)
 
     def mask(self) -> torch.Tensor:
         """Bool ``[out, r]``: the elements of B this layer keeps."""

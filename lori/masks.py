@@ -27,11 +27,6 @@ MASKS_FORMAT = "lori-masks"
 MASKS_VERSION = "1"
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain local tensor of a (possibly FSDP-sharded DTensor) parameter."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _block_scores(b: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """L2 norm of every ``block`` of a dense B ``[out, r]``: ``[n_rows, n_cols]``."""
     bo, br = block
@@ -56,10 +51,7 @@ def extract_masks(
     block = block_sparse.check_block(block if block is not None else first.block, first.r)
     scores = []
     for layer in layers.values():
-        b = block_sparse.scatter_blocks(
-            _full(layer.b_values).detach().float().cpu(), layer.b_blocks.cpu(), layer.out_features, layer.r
-        )
-        scores.append(_block_scores(b, block_sparse.check_block(block, layer.r)))
+        scores.append(_block_scores(layer.b_dense().cpu(), block_sparse.check_block(block, layer.r)))
     flat = torch.cat([s.flatten() for s in scores])
     n_keep = round((1.0 - sparsity) * flat.numel())
     kept = torch.zeros(flat.numel(), dtype=torch.bool)
