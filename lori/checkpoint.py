@@ -6,7 +6,10 @@ A checkpoint is a directory:
   the base model's id and a fingerprint of its parameter names and shapes, each adapted
   layer's ``[out, in]`` and kept-block count, and the SHA-256 of the tensor file;
 - ``adapter.safetensors``: per layer ``<name>.seed`` (int64 holding the uint64 seed in
-  two's complement), ``<name>.b_values`` and ``<name>.b_blocks``.
+  two's complement), ``<name>.b_values`` and ``<name>.b_blocks``; a layer without a seed
+  (imported from PEFT, or merged from adapters with different seeds: marked
+  ``"stored_a": true`` in the config) has its A as ``<name>.a`` (float32 ``[r, in]``) and
+  seed 0.
 
 Saving writes a temporary directory and renames it into place. Loading reads and checks
 everything (format, version, checksum, names, dtypes, shapes, block indices, finite
@@ -26,7 +29,8 @@ from safetensors.torch import load, save_file
 
 from lori.config import LoRIConfig
 from lori.files import atomic_dir
-from lori.model import get_lori_model, lori_layers
+from lori.model import lori_layers
+from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,9 @@ class AdapterSnapshot:
             self.tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
             self.tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
             shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
+            if layer.stored_a is not None:
+                self.tensors[f"{name}.a"] = layer.stored_a.detach().contiguous().cpu()
+                shapes[name]["stored_a"] = True
         self.manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -149,7 +156,8 @@ def _check_manifest(manifest, where: Path) -> LoRIConfig:
 
 def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """Read and check a checkpoint without a model: its manifest and, per layer, the
-    tensors ``seed`` (a Python-int-valued int64), ``b_values``, ``b_blocks``."""
+    tensors ``seed`` (a Python-int-valued int64), ``b_values``, ``b_blocks`` and, for a
+    layer with a stored A, ``a``."""
     path = Path(path)
     config_file, tensors_file = path / CONFIG_FILE, path / TENSORS_FILE
     for f in (config_file, tensors_file):
@@ -170,7 +178,9 @@ def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
     layers = manifest["layers"]
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{config_file} lists no layers")
-    expected = {f"{name}.{kind}" for name in layers for kind in _KINDS}
+    if not all(isinstance(info, dict) for info in layers.values()):
+        raise CheckpointError(f"{config_file}: every layer entry must be an object")
+    expected = {f"{name}.{kind}" for name, info in layers.items() for kind in _kinds(info)}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
         raise CheckpointError(
@@ -179,10 +189,14 @@ def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
         )
     per_layer = {}
     for name, info in layers.items():
-        t = {kind: tensors[f"{name}.{kind}"] for kind in _KINDS}
+        t = {kind: tensors[f"{name}.{kind}"] for kind in _kinds(info)}
         _check_layer(name, info, t, config)
         per_layer[name] = t
     return manifest, per_layer
+
+
+def _kinds(info: dict) -> tuple[str, ...]:
+    return (*_KINDS, "a") if info.get("stored_a") is True else _KINDS
 
 
 def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig) -> None:
@@ -207,6 +221,14 @@ def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig
         )
     if inp <= 0:
         raise CheckpointError(f"layer {name}: bad shape {[out, inp]}")
+    a = t.get("a")
+    if a is not None:
+        if a.dtype != torch.float32 or tuple(a.shape) != (config.r, inp):
+            raise CheckpointError(
+                f"{name}.a must be float32 of shape {[config.r, inp]} (r, in), got {a.dtype} {list(a.shape)}"
+            )
+        if not torch.isfinite(a).all():
+            raise CheckpointError(f"{name}.a holds NaN or Inf")
 
 
 def load_lori(
@@ -232,37 +254,50 @@ def load_lori(
         shape = [module.out_features, module.in_features] if hasattr(module, "out_features") else None
         if shape != list(info["shape"]):
             raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
-    if existing:
-        if set(existing) != set(per_layer):
-            raise CheckpointError(f"the model's adapted layers differ from {path}'s")
-        for name, layer in existing.items():
-            if (
-                layer.block != config.block
-                or layer.r != config.r
-                or not torch.equal(layer.b_blocks.cpu(), per_layer[name]["b_blocks"])
-            ):
-                raise CheckpointError(
-                    f"{name}: the model's adapter (r, block or kept blocks) differs from {path}'s; "
-                    "load into the base model instead"
-                )
-    else:
-        masks = {
-            name: block_sparse.mask_from_blocks(t["b_blocks"], modules[name].out_features, config.r, config.block)
-            for name, t in per_layer.items()
-        }
-        get_lori_model(model, config, masks=masks, backend=backend)
-    state = {}
-    for name, t in per_layer.items():
-        for kind in _KINDS:
-            state[f"{name}.{kind}"] = t[kind].reshape(()) if kind == "seed" else t[kind]
-    layers = lori_layers(model)
+    if not existing:
+        updates = {name: _update(t, manifest["layers"][name], config) for name, t in per_layer.items()}
+        install(model, config, updates, backend=backend)
+        log.info("loaded LoRI adapter from %s: %d layers", path, len(updates))
+        return model
+    if set(existing) != set(per_layer):
+        raise CheckpointError(f"the model's adapted layers differ from {path}'s")
+    for name, layer in existing.items():
+        if (
+            layer.block != config.block
+            or layer.r != config.r
+            or (layer.stored_a is not None) != ("a" in per_layer[name])
+            or not torch.equal(layer.b_blocks.cpu(), per_layer[name]["b_blocks"])
+        ):
+            raise CheckpointError(
+                f"{name}: the model's adapter (r, block, stored A or kept blocks) differs from {path}'s; "
+                "load into the base model instead"
+            )
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.seed.copy_(state[f"{name}.seed"])
+        for name, layer in existing.items():
+            t = per_layer[name]
+            layer.seed.copy_(t["seed"].reshape(()))
             layer.layer_seed = rng.to_uint64(layer.seed)
-            _full_copy(layer.b_values, state[f"{name}.b_values"])
-    log.info("loaded LoRI adapter from %s: %d layers", path, len(layers))
+            _full_copy(layer.b_values, t["b_values"])
+            if "a" in t:
+                layer.stored_a.copy_(t["a"])
+    log.info("loaded LoRI adapter from %s into the model's adapter: %d layers", path, len(existing))
     return model
+
+
+def _update(t: dict[str, torch.Tensor], info: dict, config: LoRIConfig) -> LayerUpdate:
+    """A checked checkpoint layer as a ``LayerUpdate``."""
+    out, inp = (int(v) for v in info["shape"])
+    stored = "a" in t
+    return LayerUpdate(
+        b=block_sparse.scatter_blocks(t["b_values"].float(), t["b_blocks"], out, config.r),
+        mask=block_sparse.mask_from_blocks(t["b_blocks"], out, config.r, config.block),
+        scaling=config.scaling,
+        in_features=inp,
+        block=config.block,
+        dist=config.dist,
+        seed=None if stored else rng.to_uint64(t["seed"]),
+        a=t["a"] if stored else None,
+    )
 
 
 def _full_copy(param: torch.Tensor, value: torch.Tensor) -> None:

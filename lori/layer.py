@@ -7,6 +7,7 @@ from torch import nn
 
 import lori_kernels
 from lori_kernels import block_sparse, rng
+from lori_kernels.reference import lori_linear_stored_a
 
 __all__ = ["LoRILinear"]
 
@@ -20,6 +21,11 @@ class LoRILinear(nn.Module):
     at buffer ``b_blocks`` int32 ``[nnz, 2]``, fixed for the layer's life. Without
     ``b_blocks`` every block is kept (LoRI-D). ``b_values`` is float32 (the optimizer's
     master copy) and cast to the base weight's dtype in forward.
+
+    With ``a`` given, the layer keeps that A ``[r, in]`` as buffer ``stored_a`` instead of
+    regenerating it (adapters imported from PEFT or the original LoRI code, merges of
+    adapters with different seeds); it then runs the plain-torch path
+    (``lori_kernels.reference.lori_linear_stored_a``) and has no seed.
 
     Dropout (training only) draws its mask from a seed derived from the layer's seed, the
     process's rank (data-parallel ranks draw different masks) and a count of the layer's
@@ -39,6 +45,7 @@ class LoRILinear(nn.Module):
         dropout: float = 0.0,
         b_blocks: torch.Tensor | None = None,
         backend: str = "auto",
+        a: torch.Tensor | None = None,
     ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -60,6 +67,14 @@ class LoRILinear(nn.Module):
         self.register_buffer("seed", torch.tensor(rng.to_int64(seed), dtype=torch.int64, device=device))
         self.register_buffer("b_blocks", b_blocks)
         self.b_values = nn.Parameter(torch.zeros(b_blocks.shape[0], *block, device=device))
+        if a is not None:
+            if not isinstance(a, torch.Tensor) or tuple(a.shape) != (r, self.in_features):
+                got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"a stored A must be a tensor of shape {[r, self.in_features]} (r, in), got {got}")
+            if not a.is_floating_point() or not torch.isfinite(a).all():
+                raise ValueError("a stored A must be floating point and finite")
+            a = a.detach().to(device=device, dtype=torch.float32).contiguous()
+        self.register_buffer("stored_a", a)
         self.layer_seed = rng.to_uint64(seed)  # a host copy: no device sync per forward
         self.dropout_calls = 0
         self.enabled = True
@@ -75,6 +90,18 @@ class LoRILinear(nn.Module):
             if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
                 self.dropout_calls += 1
             dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls + (_rank() << 40)))
+        if self.stored_a is not None:
+            return lori_linear_stored_a(
+                x.to(weight.dtype),
+                weight,
+                self.base_layer.bias,
+                self.stored_a.to(weight.dtype),
+                self.b_values.to(weight.dtype),
+                self.b_blocks,
+                scaling=self.scaling,
+                dropout_p=p,
+                dropout_seed=dropout_seed,
+            ).to(x.dtype)
         y = lori_kernels.lori_linear(
             x.to(weight.dtype),
             weight,
@@ -93,7 +120,9 @@ class LoRILinear(nn.Module):
         return y.to(x.dtype)
 
     def a(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """This layer's A ``[r, in]``, regenerated from its seed."""
+        """This layer's A ``[r, in]``: the stored one, or regenerated from its seed."""
+        if self.stored_a is not None:
+            return self.stored_a.to(dtype)
         return lori_kernels.generate_a(
             self.layer_seed, self.r, self.in_features, dist=self.dist, dtype=dtype, device=self.b_values.device
         )
@@ -117,7 +146,8 @@ class LoRILinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.alpha:g}, block={self.block}, kept={kept:.1%}, dist={self.dist!r}, "
-            f"dropout={self.dropout:g}, seed={self.layer_seed:#018x}"
+            f"dropout={self.dropout:g}, "
+            + ("A stored" if self.stored_a is not None else f"seed={self.layer_seed:#018x}")
         )
 
 

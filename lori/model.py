@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ __all__ = [
     "disable_adapters",
     "enable_activation_checkpointing",
     "get_lori_model",
+    "inject_layers",
     "lori_layers",
     "print_trainable_parameters",
     "remove_lori",
@@ -49,6 +51,11 @@ def _check_masks(masks: dict, targets: dict[str, nn.Linear], config: LoRIConfig)
             raise ValueError(f"mask of {name} must be a bool tensor of shape {list(want)} (out, r), got {got}")
 
 
+def _check_no_adapter(model: nn.Module) -> None:
+    if getattr(model, "lori_config", None) is not None:
+        raise ValueError("the model already has LoRI adapters; remove_lori(model) first")
+
+
 def get_lori_model(
     model: nn.Module, config: LoRIConfig, masks: dict[str, torch.Tensor] | None = None, *, backend: str = "auto"
 ) -> nn.Module:
@@ -57,23 +64,21 @@ def get_lori_model(
     model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
     only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
     comes from ``layer_seed(config.seed, name)``."""
-    if getattr(model, "lori_config", None) is not None:
-        raise ValueError("the model already has LoRI adapters; remove_lori(model) first")
+    _check_no_adapter(model)
     targets = _targets(model, config)
     if not targets:
         raise ValueError(f"no nn.Linear module of the model is named one of {list(config.target_modules)}")
     if masks is not None:
         _check_masks(masks, targets, config)
-    model.lori_frozen = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    for name, linear in targets.items():
+
+    def make_layer(name: str, linear: nn.Linear) -> LoRILinear:
         b_blocks = None
         if masks is not None:
             try:
                 b_blocks = block_sparse.blocks_from_mask(masks[name].to(linear.weight.device), config.block)
             except ValueError as e:
                 raise ValueError(f"mask of {name}: {e}") from None
-        layer = LoRILinear(
+        return LoRILinear(
             linear,
             r=config.r,
             alpha=config.alpha,
@@ -84,6 +89,32 @@ def get_lori_model(
             b_blocks=b_blocks,
             backend=backend,
         )
+
+    return inject_layers(model, config, targets, make_layer)
+
+
+def inject_layers(
+    model: nn.Module,
+    config: LoRIConfig,
+    targets: dict[str, nn.Linear],
+    make_layer: Callable[[str, nn.Linear], LoRILinear],
+) -> nn.Module:
+    """Replace each of ``targets`` (module name -> the model's ``nn.Linear``) by
+    ``make_layer(name, linear)``, freeze everything else, record ``config`` as the
+    model's; return the model. All layers are built before the first is put in, so an
+    error leaves the model as it was. The common end of ``get_lori_model``,
+    ``import_peft`` and ``merge``."""
+    _check_no_adapter(model)
+    trained = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        layers = {name: make_layer(name, linear) for name, linear in targets.items()}
+    except Exception:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trained[name])
+        raise
+    model.lori_frozen = trained
+    model.requires_grad_(False)
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model.lori_config = config

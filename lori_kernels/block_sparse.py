@@ -24,6 +24,7 @@ __all__ = [
     "check_b_blocks",
     "dense_blocks",
     "blocks_from_mask",
+    "blocks_covering",
     "mask_from_blocks",
     "gather_blocks",
     "scatter_blocks",
@@ -156,6 +157,17 @@ def blocks_from_mask(mask: torch.Tensor, block) -> torch.Tensor:
             "block (1, 1)"
         )
     return (count > 0).nonzero().to(torch.int32).contiguous()
+
+
+def blocks_covering(mask: torch.Tensor, block) -> torch.Tensor:
+    """``b_blocks`` of every ``(bo, br)`` block holding at least one set element of a bool
+    mask ``[out, r]``: the smallest block layout that keeps an arbitrary mask exactly."""
+    _check_dense(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    bo, _ = block = check_block(block, mask.shape[1])
+    n_rows, _ = block_grid(mask.shape[0], mask.shape[1], block)
+    return _as_blocks(_padded(mask, n_rows, bo), block).any(dim=3).any(dim=2).nonzero().to(torch.int32).contiguous()
 
 
 def mask_from_blocks(b_blocks: torch.Tensor, out_features: int, r: int, block) -> torch.Tensor:

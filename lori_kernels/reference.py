@@ -27,6 +27,7 @@ __all__ = [
     "expand_backward_ref",
     "expand_ref_",
     "lori_linear",
+    "lori_linear_stored_a",
     "sddmm_ref",
     "shrink_backward_ref_",
     "shrink_ref",
@@ -80,3 +81,18 @@ def lori_linear(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.T
     also checks the content of ``b_blocks`` (range, order, uniqueness) on every call."""
     check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
     return _lori_linear_fused(x, weight, bias, b_values, b_blocks, spec)
+
+
+def lori_linear_stored_a(
+    x, weight, bias, a, b_values, b_blocks, *, scaling, dropout_p=0.0, dropout_seed=0
+) -> torch.Tensor:
+    """The LoRI layer with an explicit, stored A ``[r, in]`` instead of a seed (adapters
+    imported from PEFT or the original LoRI code, merges of adapters with different
+    seeds): plain torch autograd, differentiable in ``x`` and ``b_values``. The dropout
+    mask is LoRI-RNG's, as on every backend."""
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    xd = x2 * _dropout_factor(dropout_p, dropout_seed, x2) if dropout_p > 0 else x2
+    b = scatter_blocks(b_values, b_blocks, weight.shape[0], a.shape[0])
+    y = torch.nn.functional.linear(x2, weight, bias) + scaling * ((xd @ a.t()) @ b.t())
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,120 @@
+"""Adapters outside a model: per adapted linear, one ``LayerUpdate`` (``ΔW = scaling·B·A``).
+
+LoRI checkpoints, PEFT adapters and live models are read into this one form; merging
+combines it; ``install`` turns it back into ``LoRILinear``s inside a base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lori.config import LoRIConfig
+from lori.layer import LoRILinear
+from lori.model import inject_layers, lori_layers
+from lori_kernels import block_sparse, generate_a
+
+__all__ = ["LayerUpdate", "install", "updates_from_model"]
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """One adapter of one ``nn.Linear`` ``[out, in]``: ``ΔW = scaling · B · A``.
+
+    ``b`` is B as float32 ``[out, r]``, zero outside ``mask`` (bool ``[out, r]``, the
+    elements that train); A ``[r, in]`` is regenerated from ``seed`` (with ``dist``) or,
+    for adapters without a seed, the stored float32 ``a``. ``block`` is the block layout
+    the layer gets: the blocks covering ``mask``.
+    """
+
+    b: torch.Tensor
+    mask: torch.Tensor
+    scaling: float
+    in_features: int
+    block: tuple[int, int]
+    dist: str = "uniform"
+    seed: int | None = None
+    a: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.seed is None) == (self.a is None):
+            raise ValueError("a LayerUpdate has either a seed or a stored A")
+
+    @property
+    def r(self) -> int:
+        return self.b.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+    def a_matrix(self) -> torch.Tensor:
+        """A ``[r, in]`` in float32."""
+        if self.a is not None:
+            return self.a
+        return generate_a(self.seed, self.r, self.in_features, dist=self.dist, device=self.b.device)
+
+
+def updates_from_model(model: nn.Module) -> dict[str, LayerUpdate]:
+    """The model's adapter, one update per ``LoRILinear`` (B gathered, on the CPU)."""
+    updates = {}
+    for name, layer in lori_layers(model).items():
+        stored = layer.stored_a is not None
+        updates[name] = LayerUpdate(
+            b=layer.b_dense().cpu(),
+            mask=layer.mask().cpu(),
+            scaling=layer.scaling,
+            in_features=layer.in_features,
+            block=layer.block,
+            dist=layer.dist,
+            seed=None if stored else layer.layer_seed,
+            a=layer.stored_a.cpu() if stored else None,
+        )
+    return updates
+
+
+def install(
+    model: nn.Module, config: LoRIConfig, updates: dict[str, LayerUpdate], *, backend: str = "auto"
+) -> nn.Module:
+    """Put ``updates`` into a model without adapters, each as a ``LoRILinear`` on the
+    linear of the same name (``config`` gives r, dropout and becomes the model's); every
+    layer is checked against the model before the model changes."""
+    modules = dict(model.named_modules())
+    targets = {}
+    for name, u in updates.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            found = "nothing" if linear is None else type(linear).__name__
+            raise ValueError(f"the adapter adapts {name}, but the model has {found} there (an nn.Linear is needed)")
+        if (linear.out_features, linear.in_features) != (u.out_features, u.in_features):
+            raise ValueError(
+                f"{name} is [{linear.out_features}, {linear.in_features}] in the model but "
+                f"[{u.out_features}, {u.in_features}] in the adapter"
+            )
+        if u.r != config.r:
+            raise ValueError(f"{name} has rank {u.r}, the adapter's config says {config.r}")
+        targets[name] = linear
+
+    def make_layer(name: str, linear: nn.Linear) -> LoRILinear:
+        u = updates[name]
+        device = linear.weight.device
+        b_blocks = block_sparse.blocks_covering(u.mask.to(device), u.block)
+        layer = LoRILinear(
+            linear,
+            r=u.r,
+            alpha=u.scaling * u.r,
+            seed=0 if u.seed is None else u.seed,
+            block=u.block,
+            dist=u.dist,
+            dropout=config.dropout,
+            b_blocks=b_blocks,
+            backend=backend,
+            a=u.a,
+        )
+        with torch.no_grad():
+            layer.b_values.copy_(block_sparse.gather_blocks(u.b.to(device), b_blocks, u.block))
+        return layer
+
+    return inject_layers(model, config, targets, make_layer)
