@@ -5,6 +5,7 @@ from lori.checkpoint import CheckpointError, load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
 from lori.layer import LoRILinear
 from lori.masks import extract_masks, load_masks, save_masks
+from lori.peft_interop import export_peft, import_peft
 from lori.model import (
     disable_adapters,
     enable_activation_checkpointing,
@@ -22,8 +23,10 @@ __all__ = [
     "LoRILinear",
     "disable_adapters",
     "enable_activation_checkpointing",
+    "export_peft",
     "extract_masks",
     "get_lori_model",
+    "import_peft",
     "load_lori",
     "load_masks",
     "lori_layers",

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from lori.config import LoRIConfig
-from lori.files import atomic_dir
+from lori.files import atomic_dir, is_writer
 from lori.model import lori_layers
 from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
@@ -41,6 +41,7 @@ __all__ = [
     "AdapterSnapshot",
     "CheckpointError",
     "base_fingerprint",
+    "base_model_id",
     "load_lori",
     "read_lori",
     "save_lori",
@@ -69,16 +70,10 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def _base_id(model: torch.nn.Module) -> str:
+def base_model_id(model: torch.nn.Module) -> str:
+    """The base model's name or path (its config's ``_name_or_path``), else its class."""
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
-def _is_writer() -> bool:
-    """Whether this process writes files: the only one, or rank 0 of a process group."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class AdapterSnapshot:
@@ -105,7 +100,7 @@ class AdapterSnapshot:
             "format_version": FORMAT_VERSION,
             "rng": rng.RNG_VERSION,
             "config": config.to_dict(),
-            "base_model": {"id": _base_id(model), "fingerprint": base_fingerprint(model)},
+            "base_model": {"id": base_model_id(model), "fingerprint": base_fingerprint(model)},
             "layers": shapes,
         }
 
@@ -122,7 +117,7 @@ def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | 
     calls it and rank 0 writes. Returns ``path``."""
     snapshot = AdapterSnapshot(model, dtype)
     path = Path(path)
-    if _is_writer():
+    if is_writer():
         with atomic_dir(path) as tmp:
             snapshot.write(tmp)
         log.info(

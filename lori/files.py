@@ -1,5 +1,6 @@
 """Writing files and directories so that a reader never sees them half-written: write
-next to the target under a temporary name, then rename over it."""
+next to the target under a temporary name, then rename over it. Under torch.distributed
+one process (rank 0) writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file"]
+__all__ = ["atomic_dir", "atomic_file", "is_writer"]
 
 
 @contextlib.contextmanager
@@ -50,3 +51,10 @@ def atomic_dir(path: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: the only one, or rank 0 of a process group."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
