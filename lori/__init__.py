@@ -5,6 +5,7 @@ from lori.checkpoint import CheckpointError, load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
 from lori.layer import LoRILinear
 from lori.masks import extract_masks, load_masks, save_masks
+from lori.merge import merge, merge_adapter, merge_and_unload, unmerge_adapter
 from lori.peft_interop import export_peft, import_peft
 from lori.model import (
     disable_adapters,
@@ -30,9 +31,13 @@ __all__ = [
     "load_lori",
     "load_masks",
     "lori_layers",
+    "merge",
+    "merge_adapter",
+    "merge_and_unload",
     "print_trainable_parameters",
     "remove_lori",
     "save_lori",
     "save_masks",
     "set_dropout_calls",
+    "unmerge_adapter",
 ]

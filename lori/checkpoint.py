@@ -44,6 +44,7 @@ __all__ = [
     "base_model_id",
     "load_lori",
     "read_lori",
+    "read_lori_updates",
     "save_lori",
 ]
 
@@ -250,7 +251,7 @@ def load_lori(
         if shape != list(info["shape"]):
             raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
     if not existing:
-        updates = {name: _update(t, manifest["layers"][name], config) for name, t in per_layer.items()}
+        updates = _updates(manifest, per_layer)
         install(model, config, updates, backend=backend)
         log.info("loaded LoRI adapter from %s: %d layers", path, len(updates))
         return model
@@ -279,8 +280,18 @@ def load_lori(
     return model
 
 
+def read_lori_updates(path: str | Path) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
+    """A checkpoint read and checked (``read_lori``) as its config and per-layer updates."""
+    manifest, per_layer = read_lori(path)
+    return LoRIConfig.from_dict(manifest["config"]), _updates(manifest, per_layer)
+
+
+def _updates(manifest: dict, per_layer: dict[str, dict[str, torch.Tensor]]) -> dict[str, LayerUpdate]:
+    config = LoRIConfig.from_dict(manifest["config"])
+    return {name: _update(t, manifest["layers"][name], config) for name, t in per_layer.items()}
+
+
 def _update(t: dict[str, torch.Tensor], info: dict, config: LoRIConfig) -> LayerUpdate:
-    """A checked checkpoint layer as a ``LayerUpdate``."""
     out, inp = (int(v) for v in info["shape"])
     stored = "a" in t
     return LayerUpdate(

@@ -78,10 +78,11 @@ class LoRILinear(nn.Module):
         self.layer_seed = rng.to_uint64(seed)  # a host copy: no device sync per forward
         self.dropout_calls = 0
         self.enabled = True
+        self.fold = None  # while the adapter is folded into the base weight (lori.merge_adapter)
         self.register_load_state_dict_post_hook(_refresh_layer_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.b_values.shape[0] == 0:
+        if not self.enabled or self.fold is not None or self.b_values.shape[0] == 0:
             return self.base_layer(x)
         weight = self.base_layer.weight
         p = self.dropout if self.training else 0.0

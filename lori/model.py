@@ -51,7 +51,7 @@ def _check_masks(masks: dict, targets: dict[str, nn.Linear], config: LoRIConfig)
             raise ValueError(f"mask of {name} must be a bool tensor of shape {list(want)} (out, r), got {got}")
 
 
-def _check_no_adapter(model: nn.Module) -> None:
+def check_no_adapter(model: nn.Module) -> None:
     if getattr(model, "lori_config", None) is not None:
         raise ValueError("the model already has LoRI adapters; remove_lori(model) first")
 
@@ -64,7 +64,7 @@ def get_lori_model(
     model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
     only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
     comes from ``layer_seed(config.seed, name)``."""
-    _check_no_adapter(model)
+    check_no_adapter(model)
     targets = _targets(model, config)
     if not targets:
         raise ValueError(f"no nn.Linear module of the model is named one of {list(config.target_modules)}")
@@ -104,7 +104,7 @@ def inject_layers(
     model's; return the model. All layers are built before the first is put in, so an
     error leaves the model as it was. The common end of ``get_lori_model``,
     ``import_peft`` and ``merge``."""
-    _check_no_adapter(model)
+    check_no_adapter(model)
     trained = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         layers = {name: make_layer(name, linear) for name, linear in targets.items()}

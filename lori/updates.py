@@ -13,7 +13,7 @@ from torch import nn
 
 from lori.config import LoRIConfig
 from lori.layer import LoRILinear
-from lori.model import inject_layers, lori_layers
+from lori.model import check_no_adapter, inject_layers, lori_layers
 from lori_kernels import block_sparse, generate_a
 
 __all__ = ["LayerUpdate", "install", "updates_from_model"]
@@ -81,6 +81,7 @@ def install(
     """Put ``updates`` into a model without adapters, each as a ``LoRILinear`` on the
     linear of the same name (``config`` gives r, dropout and becomes the model's); every
     layer is checked against the model before the model changes."""
+    check_no_adapter(model)
     modules = dict(model.named_modules())
     targets = {}
     for name, u in updates.items():
