@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lori.checkpoint import AdapterSnapshot, load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
+from lori.continual import stack_adapter
 from lori.data import IGNORE_INDEX, collate, load_examples, tokenize_example
 from lori.files import atomic_dir
 from lori.masks import load_masks
@@ -51,6 +52,13 @@ class TrainConfig:
     data: str = field(metadata={"help": "Local .json/.jsonl/.parquet file with prompt/response fields."})
     output: str = field(metadata={"help": "Run directory: adapter/ at the end, checkpoints/ on the way."})
     masks: str | None = field(default=None, metadata={"help": "Masks file: train LoRI-S (B restarts from zero)."})
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continual learning: start from this LoRI adapter (its seeds, r and block); with --masks only "
+            "the masks' blocks train and every other block stays bit-identical."
+        },
+    )
     r: int = field(default=32, metadata={"help": "Adapter rank."})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2r)."})
     block: tuple[int, int] | None = field(
@@ -233,6 +241,7 @@ def _resume_fields(cfg: TrainConfig) -> dict:
         "model",
         "data",
         "masks",
+        "init_adapter",
         "r",
         "alpha",
         "block",
@@ -335,13 +344,19 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
     model = _load_model(AutoModelForCausalLM, cfg.model, torch.bfloat16 if bf16 and world.size == 1 else torch.float32)
     model.to(world.device)
     masks = load_masks(cfg.masks) if cfg.masks else None
-    get_lori_model(model, cfg.lori_config(), masks=masks, backend=cfg.backend)
+    frozen = None
+    if cfg.init_adapter:
+        frozen = stack_adapter(model, cfg.init_adapter, masks, dropout=cfg.dropout, backend=cfg.backend)
+    else:
+        get_lori_model(model, cfg.lori_config(), masks=masks, backend=cfg.backend)
     if world.main:
         print_trainable_parameters(model)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if world.size > 1:
         _shard(model, world, bf16)
+        if frozen is not None:
+            frozen.shard_like_parameters()
     model.train()
 
     examples = [tokenize_example(tokenizer, e, cfg.max_length) for e in load_examples(cfg.data)]
@@ -384,9 +399,13 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
             loss_sum = _loss_sum(model, batch)
             (loss_sum * (world.size / tokens)).backward()
             step_loss += loss_sum.item()
+        if frozen is not None:
+            frozen.mask_grads()
         if cfg.clip_grad is not None:
             _clip(params, cfg.clip_grad, cfg.clip_mode)
         optimizer.step()
+        if frozen is not None:
+            frozen.restore()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(world.all_sum(step_loss) / tokens)

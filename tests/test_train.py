@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lori
+import lori_kernels
 from lori import toy
 from lori.train import TrainConfig, train
 
@@ -169,3 +170,39 @@ def test_bf16_mixed_precision_single_process(world, tmp_path):
     model = lori.load_lori(toy_base(world), result["adapter"])
     assert all(layer.b_values.dtype == torch.float32 for layer in lori.lori_layers(model).values())
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def random_block_masks(model, keep, seed):
+    """Masks of whole blocks keeping a random ``keep`` fraction of each adapted layer's blocks."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, layer in lori.lori_layers(model).items():
+        n_rows, n_cols = lori_kernels.block_sparse.block_grid(layer.out_features, layer.r, layer.block)
+        grid = torch.rand(n_rows, n_cols, generator=g) < keep
+        masks[name] = grid.repeat_interleave(layer.block[0], 0).repeat_interleave(layer.block[1], 1)[: layer.out_features]
+    return masks
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_continual_learning_trains_the_task_mask_and_keeps_every_other_block(world, tmp_path, processes):
+    """A safety adapter (LoRI-S) first, then a task under its own mask on top of it: the
+    safety blocks outside the task mask stay bit-identical (weight decay on, so they would
+    shrink if they were only given zero gradients), the task blocks train."""
+    model = lori.get_lori_model(toy_base(world), config(world, tmp_path).lori_config())
+    lori.save_masks(random_block_masks(model, 0.4, seed=1), tmp_path / "safety.safetensors")
+    task_masks = random_block_masks(model, 0.3, seed=2)
+    lori.save_masks(task_masks, tmp_path / "task.safetensors")
+    safety = train(config(world, tmp_path / "safety", masks=str(tmp_path / "safety.safetensors"), max_steps=3))
+    extra = ["--init-adapter", safety["adapter"], "--masks", str(tmp_path / "task.safetensors"),
+             "--weight-decay", "0.5", "--max-steps", "3", "--batch-size", str(8 // processes)]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    run_cli([*launcher, "-m", "lori.cli", *train_args(world, tmp_path / "task", *extra)])
+    before = lori.lori_layers(lori.load_lori(toy_base(world), safety["adapter"]))
+    after = lori.lori_layers(lori.load_lori(toy_base(world), tmp_path / "task" / "adapter"))
+    changed = 0
+    for name, layer in after.items():
+        old, new, task = before[name].b_dense(), layer.b_dense(), task_masks[name]
+        assert torch.equal(layer.mask(), before[name].mask() | task)
+        assert torch.equal(new[~task].view(torch.int32), old[~task].view(torch.int32))
+        changed += int((new[task] != old[task]).sum())
+    assert changed > 0.5 * sum(int(m.sum()) for m in task_masks.values())
