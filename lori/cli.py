@@ -1,4 +1,5 @@
-"""The ``lori`` command line: ``train``, ``extract-masks``, ``eval``, ``demo``.
+"""The ``lori`` command line: ``train``, ``extract-masks``, ``merge``, ``export``,
+``import``, ``eval``, ``bench``, ``demo``.
 
 ``lori train`` runs alone or under a launcher: ``torchrun --nproc_per_node=N -m lori.cli
 train ...`` or ``accelerate launch -m lori.cli train ...``.
@@ -86,6 +87,39 @@ def _extract_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from lori.checkpoint import save_lori
+    from lori.files import atomic_dir
+    from lori.merge import merge
+
+    model = merge(
+        _base_model(args.model), args.adapters, weights=args.weights, combination=args.combination, fold=args.fold
+    )
+    if args.fold:
+        with atomic_dir(args.output) as tmp:
+            model.save_pretrained(tmp)
+        logging.getLogger("lori").info("merged model -> %s", args.output)
+    else:
+        save_lori(model, args.output)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lori.checkpoint import load_lori
+    from lori.peft_interop import export_peft
+
+    export_peft(load_lori(_base_model(args.model), args.adapter), args.output)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from lori.checkpoint import save_lori
+    from lori.peft_interop import import_peft
+
+    save_lori(import_peft(_base_model(args.model), args.adapter, args.masks, block=args.block), args.output)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -117,6 +151,7 @@ def _base_model(path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lori.merge import COMBINATIONS
     from lori.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lori", description="LoRI adapters: training, masks, evaluation")
@@ -136,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     masks.add_argument("--output", required=True, help="masks file (.safetensors)")
     masks.set_defaults(run=_extract_masks)
+
+    merge = commands.add_parser(
+        "merge", help="combine adapters (LoRI or PEFT) into one LoRI adapter, or fold them into the base model"
+    )
+    merge.add_argument("--model", required=True, help="base model directory")
+    merge.add_argument("--adapters", required=True, nargs="+", help="adapter directories (LoRI or PEFT)")
+    merge.add_argument(
+        "--weights", type=float, nargs="+", default=None, help="one per adapter (default: LoRI's 0.3 LoRI-S, 0.4 LoRI-D)"
+    )
+    merge.add_argument("--combination", choices=COMBINATIONS, default="cat", help="as PEFT's (default: cat)")
+    merge.add_argument("--fold", action="store_true", help="write the base model with the merge folded in")
+    merge.add_argument("--output", required=True, help="output directory (LoRI adapter, or model with --fold)")
+    merge.set_defaults(run=_merge)
+
+    export = commands.add_parser("export", help="write a LoRI adapter as a PEFT LoRA adapter")
+    export.add_argument("--model", required=True, help="base model directory")
+    export.add_argument("--adapter", required=True, help="LoRI adapter directory")
+    export.add_argument("--output", required=True, help="PEFT adapter directory to write")
+    export.set_defaults(run=_export)
+
+    imp = commands.add_parser("import", help="a PEFT LoRA (or original LoRI) adapter as a LoRI adapter")
+    imp.add_argument("--model", required=True, help="base model directory")
+    imp.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    imp.add_argument("--masks", default=None, help="masks file of an original LoRI-S adapter (torch.save or ours)")
+    imp.add_argument("--block", type=_pair, default=None, help="block of the imported B (default: 1,1 with masks)")
+    imp.add_argument("--output", required=True, help="LoRI adapter directory to write")
+    imp.set_defaults(run=_import)
 
     ev = commands.add_parser("eval", help="held-out loss and exact-match accuracy (prints JSON)")
     ev.add_argument("--model", required=True, help="base model directory (with its tokenizer)")

@@ -206,3 +206,30 @@ def test_continual_learning_trains_the_task_mask_and_keeps_every_other_block(wor
         assert torch.equal(new[~task].view(torch.int32), old[~task].view(torch.int32))
         changed += int((new[task] != old[task]).sum())
     assert changed > 0.5 * sum(int(m.sum()) for m in task_masks.values())
+
+
+def test_cli_merge_export_import(world, tmp_path):
+    """Two adapters of one seed merge into one compact adapter; export to PEFT and import
+    back keep the outputs; --fold writes a plain model."""
+    for i in range(2):
+        train(config(world, tmp_path / f"t{i}", max_steps=2, data_seed=i))
+    lori_cli = [sys.executable, "-m", "lori.cli"]
+    base = ["--model", str(world / "base")]
+    adapters = [str(tmp_path / f"t{i}" / "adapter") for i in range(2)]
+    run_cli([*lori_cli, "merge", *base, "--adapters", *adapters, "--weights", "0.5", "0.5", "--output",
+             str(tmp_path / "merged")])  # fmt: skip
+    merged = lori.load_lori(toy_base(world), tmp_path / "merged")
+    assert all(layer.stored_a is None for layer in lori.lori_layers(merged).values())
+    run_cli([*lori_cli, "export", *base, "--adapter", str(tmp_path / "merged"), "--output", str(tmp_path / "peft")])
+    run_cli([*lori_cli, "import", *base, "--adapter", str(tmp_path / "peft"), "--output", str(tmp_path / "back")])
+    run_cli([*lori_cli, "merge", *base, "--adapters", str(tmp_path / "merged"), "--weights", "1", "--fold",
+             "--output", str(tmp_path / "folded")])  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 30, (2, 9))
+    back = lori.load_lori(toy_base(world), tmp_path / "back")
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded")
+    with torch.no_grad():
+        want = merged(ids).logits
+        torch.testing.assert_close(back(ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded(ids).logits, want, rtol=1e-4, atol=1e-4)
