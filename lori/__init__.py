@@ -6,7 +6,6 @@ from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
 from lori.layer import LoRILinear
 from lori.masks import extract_masks, load_masks, save_masks
 from lori.merge import merge, merge_adapter, merge_and_unload, unmerge_adapter
-from lori.peft_interop import export_peft, import_peft
 from lori.model import (
     disable_adapters,
     enable_activation_checkpointing,
@@ -16,6 +15,7 @@ from lori.model import (
     remove_lori,
     set_dropout_calls,
 )
+from lori.peft_interop import export_peft, import_peft
 
 __all__ = [
     "CheckpointError",

@@ -251,7 +251,7 @@ def load_lori(
         if shape != list(info["shape"]):
             raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
     if not existing:
-        updates = _updates(manifest, per_layer)
+        updates = _updates(config, manifest, per_layer)
         install(model, config, updates, backend=backend)
         log.info("loaded LoRI adapter from %s: %d layers", path, len(updates))
         return model
@@ -283,11 +283,11 @@ def load_lori(
 def read_lori_updates(path: str | Path) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
     """A checkpoint read and checked (``read_lori``) as its config and per-layer updates."""
     manifest, per_layer = read_lori(path)
-    return LoRIConfig.from_dict(manifest["config"]), _updates(manifest, per_layer)
-
-
-def _updates(manifest: dict, per_layer: dict[str, dict[str, torch.Tensor]]) -> dict[str, LayerUpdate]:
     config = LoRIConfig.from_dict(manifest["config"])
+    return config, _updates(config, manifest, per_layer)
+
+
+def _updates(config: LoRIConfig, manifest: dict, per_layer: dict[str, dict[str, torch.Tensor]]) -> dict:
     return {name: _update(t, manifest["layers"][name], config) for name, t in per_layer.items()}
 
 

@@ -178,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True, help="base model directory")
     merge.add_argument("--adapters", required=True, nargs="+", help="adapter directories (LoRI or PEFT)")
     merge.add_argument(
-        "--weights", type=float, nargs="+", default=None, help="one per adapter (default: LoRI's 0.3 LoRI-S, 0.4 LoRI-D)"
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one per adapter (default: LoRI's 0.3 LoRI-S, 0.4 LoRI-D)",
     )
     merge.add_argument("--combination", choices=COMBINATIONS, default="cat", help="as PEFT's (default: cat)")
     merge.add_argument("--fold", action="store_true", help="write the base model with the merge folded in")

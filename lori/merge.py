@@ -202,7 +202,9 @@ def delta_weight(layer: LoRILinear, columns: slice = slice(None)) -> torch.Tenso
     device = a.device
     kernels = layer_kernels(backends.resolve(layer.backend, "lori_linear", device, torch.float32))
     delta_t = torch.zeros(a.shape[1], layer.out_features, device=device)
-    kernels.expand_(delta_t, a.t().contiguous(), layer.full_b_values().float().contiguous(), layer.b_blocks, layer.scaling)
+    kernels.expand_(
+        delta_t, a.t().contiguous(), layer.full_b_values().float().contiguous(), layer.b_blocks, layer.scaling
+    )
     return delta_t.t()
 
 

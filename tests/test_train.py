@@ -179,7 +179,9 @@ def random_block_masks(model, keep, seed):
     for name, layer in lori.lori_layers(model).items():
         n_rows, n_cols = lori_kernels.block_sparse.block_grid(layer.out_features, layer.r, layer.block)
         grid = torch.rand(n_rows, n_cols, generator=g) < keep
-        masks[name] = grid.repeat_interleave(layer.block[0], 0).repeat_interleave(layer.block[1], 1)[: layer.out_features]
+        masks[name] = grid.repeat_interleave(layer.block[0], 0).repeat_interleave(layer.block[1], 1)[
+            : layer.out_features
+        ]
     return masks
 
 
