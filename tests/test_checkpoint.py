@@ -213,3 +213,18 @@ def test_save_replaces_atomically(tmp_path):
     save_lori(model, path)
     torch.testing.assert_close(logits(load_lori(tiny_model(), path)), logits(model))
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary leftovers
+
+
+def test_atomic_writes_get_the_usual_modes(tmp_path):
+    """mkdtemp and mkstemp make private paths; a saved adapter or masks file is as readable as
+    any new directory or file."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        model, path = saved(tmp_path)
+        lori.save_masks(extract_masks(model, 0.5), tmp_path / "masks.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "masks.safetensors").stat().st_mode & 0o777 == 0o644
