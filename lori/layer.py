@@ -62,7 +62,7 @@ class LoRILinear(nn.Module):
         device = base_layer.weight.device
         if b_blocks is None:
             b_blocks = block_sparse.dense_blocks(self.out_features, r, block)
-        b_blocks = b_blocks.to(device=device, dtype=torch.int32)
+        b_blocks = b_blocks.to(device=device, dtype=torch.int32).contiguous()
         block_sparse.check_b_blocks(b_blocks, self.out_features, r, block)
         self.register_buffer("seed", torch.tensor(rng.to_int64(seed), dtype=torch.int64, device=device))
         self.register_buffer("b_blocks", b_blocks)

@@ -211,3 +211,14 @@ def test_one_adamw_step_equals_peft_with_masked_gradient():
         peft_b = theirs.base_model.model.get_submodule(name).lora_B["default"].weight
         torch.testing.assert_close(layer.b_dense(), peft_b.detach() * masks[name], rtol=1e-4, atol=1e-6)
         assert torch.equal(peft_b.detach()[~masks[name]], torch.zeros_like(peft_b)[~masks[name]])
+
+
+def test_layer_keeps_its_block_indices_contiguous():
+    """Kernels need contiguous b_blocks; nonzero() and transposes give strided ones."""
+    blocks = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32).t().contiguous().t()
+    assert not blocks.is_contiguous()
+    layer = LoRILinear(torch.nn.Linear(8, 64), r=8, alpha=16, seed=1, block=(32, 4), b_blocks=blocks)
+    assert layer.b_blocks.is_contiguous()
+    from lori.merge import delta_weight
+
+    assert delta_weight(layer).shape == (64, 8)
