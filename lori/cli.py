@@ -105,10 +105,17 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lori.checkpoint import load_lori
+    import torch
+
+    from lori.checkpoint import load_lori, save_lori
     from lori.peft_interop import export_peft
 
-    export_peft(load_lori(_base_model(args.model), args.adapter), args.output)
+    model = load_lori(_base_model(args.model), args.adapter)
+    dtype = getattr(torch, args.dtype)
+    if args.format == "peft":
+        export_peft(model, args.output, dtype=dtype)
+    else:
+        save_lori(model, args.output, dtype=dtype)
     return 0
 
 
@@ -189,10 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="output directory (LoRI adapter, or model with --fold)")
     merge.set_defaults(run=_merge)
 
-    export = commands.add_parser("export", help="write a LoRI adapter as a PEFT LoRA adapter")
+    export = commands.add_parser("export", help="write a LoRI adapter as a PEFT LoRA adapter, or compact in a dtype")
     export.add_argument("--model", required=True, help="base model directory")
     export.add_argument("--adapter", required=True, help="LoRI adapter directory")
-    export.add_argument("--output", required=True, help="PEFT adapter directory to write")
+    export.add_argument(
+        "--format", choices=["peft", "lori"], default="peft", help="PEFT LoRA adapter or compact LoRI (default: peft)"
+    )
+    export.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of B (and PEFT's A)"
+    )
+    export.add_argument("--output", required=True, help="directory to write")
     export.set_defaults(run=_export)
 
     imp = commands.add_parser("import", help="a PEFT LoRA (or original LoRI) adapter as a LoRI adapter")

@@ -223,6 +223,10 @@ def test_cli_merge_export_import(world, tmp_path):
     merged = lori.load_lori(toy_base(world), tmp_path / "merged")
     assert all(layer.stored_a is None for layer in lori.lori_layers(merged).values())
     run_cli([*lori_cli, "export", *base, "--adapter", str(tmp_path / "merged"), "--output", str(tmp_path / "peft")])
+    run_cli([*lori_cli, "export", *base, "--adapter", str(tmp_path / "merged"), "--format", "lori", "--dtype",
+             "bfloat16", "--output", str(tmp_path / "bf16")])  # fmt: skip
+    bf16 = lori.checkpoint.read_lori(tmp_path / "bf16")[1]
+    assert all(t["b_values"].dtype == torch.bfloat16 for t in bf16.values())
     run_cli([*lori_cli, "import", *base, "--adapter", str(tmp_path / "peft"), "--output", str(tmp_path / "back")])
     run_cli([*lori_cli, "merge", *base, "--adapters", str(tmp_path / "merged"), "--weights", "1", "--fold",
              "--output", str(tmp_path / "folded")])  # fmt: skip
