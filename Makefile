@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # Tests fail (not skip) when the extension is missing, unless it was skipped on purpose.
 ifneq ($(LORI_BUILD_EXT),0)
@@ -33,9 +34,10 @@ test: install
 demo: install
 	$(VENV)/bin/lori demo
 
+# Every benchmark suite (kernels, memory, storage): CSV + JSON + PNG under benchmarks/results/,
+# the tables printed as markdown. BENCH_ARGS: e.g. --suite kernels, --quick, --backends cpu_ext.
 bench: install
-	$(PY) benchmarks/bench_layer.py
-	$(PY) benchmarks/bench_generate_a.py
+	$(PY) -m lori.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lori_kernels/_C*.so

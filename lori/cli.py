@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="prompt/response file")
     ev.set_defaults(run=_eval)
 
+    from lori import bench as bench_command  # light: the suites load only when the command runs
+
+    bench = commands.add_parser("bench", help="kernel, memory and storage benchmarks: CSV + JSON + PNG, markdown")
+    bench_command.add_arguments(bench)
+    bench.set_defaults(run=bench_command.run)
+
     demo = commands.add_parser("demo", help="the LoRI recipe end to end on a tiny Llama, on the CPU")
     demo.add_argument("--workdir", default="demo_output", help="where the demo writes (default: demo_output)")
     demo.add_argument("--processes", type=int, default=2, help="training processes (torchrun, gloo)")

@@ -1,34 +1,136 @@
-"""Smoke runs of the benchmark scripts (timings are never asserted)."""
+"""Smoke runs of the benchmark suites (timings are never asserted; measured bytes are)."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ENVIRONMENT = ("device", "torch", "triton", "cuda", "commit", "date")
 
 
-def run_quick(script: str, results: Path) -> list[dict]:
+def rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """``python -m lori.bench --quick`` (what ``lori bench --quick`` runs): every suite."""
+    results = tmp_path_factory.mktemp("results")
     out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--results", str(results)],
+        [sys.executable, "-m", "lori.bench", "--quick", "--results", str(results)],
         capture_output=True,
         text=True,
+        cwd=ROOT,
     )
-    assert out.returncode == 0, out.stderr
-    (csv_path,) = results.glob("*.csv")
-    rows = list(csv.DictReader(csv_path.open()))
-    for row in rows:
-        assert row["device"] and row["torch"] and row["commit"] and row["date"]
-    return rows
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return results, out.stdout
 
 
-def test_bench_generate_a_quick(ext, tmp_path):
-    rows = run_quick("bench_generate_a.py", tmp_path)
-    assert len(rows) == 2 and all(float(row["speedup"]) > 0 for row in rows)
+def test_quick_writes_csv_json_png(quick):
+    results, stdout = quick
+    for suite, tables in {
+        "kernels": ["kernels"],
+        "memory": ["memory_layer", "memory_model"],
+        "storage": ["storage"],
+    }.items():
+        document = json.loads((results / f"{suite}_cpu.json").read_text())
+        assert all(document["environment"][key] for key in ENVIRONMENT)
+        for table in tables:
+            assert document["tables"][table]
+            assert all(row[key] for row in rows(results / f"{table}_cpu.csv") for key in ENVIRONMENT)
+        assert (results / f"{suite}_cpu.png").stat().st_size > 0
+    assert "| in × out |" in stdout and "| checkpoint |" in stdout
 
 
-def test_bench_layer_quick(tmp_path):
-    rows = run_quick("bench_layer.py", tmp_path)
-    assert {"base", "peft_lora", "reference"} <= {row["impl"] for row in rows}
-    assert {row["part"] for row in rows} == {"layer", "lora_path"}
-    assert all(float(row["ratio"]) > 0 for row in rows)
+def test_quick_kernels(quick):
+    results, _ = quick
+    table = rows(results / "kernels_cpu.csv")
+    layer = [r for r in table if r["part"] == "layer"]
+    assert {"base", "peft_lora", "lori_original", "reference"} <= {r["impl"] for r in layer}
+    assert "triton" not in {r["impl"] for r in table}  # never its interpreter on the CPU
+    assert {r["pass"] for r in layer} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["part"] for r in table} == {"layer", "lora_path"}
+    assert all(float(r["ms"]) > 0 and float(r["ratio"]) > 0 for r in table)
+
+
+def test_quick_generate_a(ext, quick):
+    results, _ = quick
+    table = rows(results / "generate_a_cpu.csv")
+    assert len(table) == 4 and {r["impl"] for r in table} == {"reference", "cpu_ext"}
+
+
+def test_quick_memory(quick):
+    results, _ = quick
+    layer = rows(results / "memory_layer_cpu.csv")
+    lori = [r for r in layer if r["impl"] in ("reference", "cpu_ext")]
+    assert lori and all(float(r["x_mr"]) == 1.0 for r in lori)  # M·r elements, dropout or not
+    peft = {r["dropout"]: float(r["x_mr"]) for r in layer if r["impl"] == "peft_lora"}
+    assert peft["0.05"] > peft["0.0"] > 1.0
+    model = {(r["variant"], r["dropout"]): r for r in rows(results / "memory_model_cpu.csv")}
+    for dropout in ("0.0", "0.05"):
+        lori_s, peft = model[("lori_s", dropout)], model[("peft_lora", dropout)]
+        assert int(lori_s["trainable_params"]) < 0.5 * int(model[("lori_d", dropout)]["trainable_params"])
+        assert int(lori_s["adamw_bytes"]) < int(peft["adamw_bytes"])
+        assert 0 < int(lori_s["peak_bytes"]) < int(peft["peak_bytes"])
+
+
+def test_quick_storage(quick):
+    results, _ = quick
+    table = rows(results / "storage_cpu.csv")
+    ours = next(r for r in table if (r["method"], r["r"], r["sparsity"], r["block"]) == ("lori", "32", "0.9", "32x32"))
+    assert float(ours["ratio"]) <= 0.055  # DESIGN.md's target
+
+
+def test_report_renders_committed_results(tmp_path):
+    """The README's tables and the plots come from the committed CPU results."""
+    import importlib
+
+    from lori.bench import benchmarks_package
+
+    benchmarks_package()
+    report = importlib.import_module("benchmarks.report")
+    text = report.markdown(RESULTS)
+    assert text.startswith("#### CPU") and "| in × out |" in text and "| checkpoint |" in text
+    assert {p.name for p in report.plots(RESULTS, tmp_path)} == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}
+
+
+def test_pytest_benchmark_suites_run():
+    """``pytest benchmarks/`` collects, and every one of its test functions runs (once,
+    untimed) for some of its parameters: the rest only vary what the quick run covers."""
+    subset = "reference or generate_a or lori_s or saved or save_lori or save_peft"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-q",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            subset,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_lori_bench_on_the_command_line_renders_committed_results(tmp_path, capsys):
+    """`lori bench --report-only` draws the plots and prints the tables of a results directory."""
+    import shutil
+
+    from lori.cli import main
+
+    results = tmp_path / "results"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "benchmarks" / "results", results)
+    assert main(["bench", "--report-only", "--results", str(results)]) == 0
+    assert "| in × out |" in capsys.readouterr().out
+    assert {p.name for p in results.glob("*.png")} >= {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}

@@ -1,0 +1,313 @@
+"""Markdown tables and PNG plots from the results files of ``lori bench``.
+
+    python -m benchmarks.report [--results DIR]
+
+reads ``<table>_<device>.csv`` (and the suites' ``.json`` for the device and versions) under
+DIR, prints the tables as markdown (what README's benchmark section shows) and writes the
+plots beside the results. Missing tables are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import RESULTS, read_csv
+
+DEVICES = ("cuda", "cpu")
+OURS_FIRST = ("triton", "cuda_ext", "cpu_ext", "reference")
+BASELINES = ("peft_lora", "lori_original")
+
+
+def _load(results: Path, table: str, device: str) -> list[dict]:
+    path = results / f"{table}_{device}.csv"
+    return read_csv(path) if path.is_file() else []
+
+
+def _environment(results: Path, device: str) -> dict | None:
+    for suite in ("kernels", "memory", "storage"):
+        path = results / f"{suite}_{device}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["environment"]
+    return None
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _impls(rows: list[dict]) -> list[str]:
+    """Implementations present, in the order base, baselines, ours (fastest first)."""
+    present = {r["impl"] for r in rows}
+    return [n for n in ("base", *BASELINES, *OURS_FIRST) if n in present] + sorted(
+        present - {"base", *BASELINES, *OURS_FIRST}
+    )
+
+
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f}" if n >= 1e5 else f"{n / 1e6:.3f}"
+
+
+def _case_key(row: dict) -> tuple:
+    return (row["in"], row["out"], row["M"], row["r"], row["sparsity"], row["dtype"])
+
+
+def kernels_markdown(rows: list[dict], generate_a: list[dict]) -> str:
+    layer = [r for r in rows if r["part"] == "layer"]
+    path = {(_case_key(r), r["impl"]): r for r in rows if r["part"] == "lora_path"}
+    impls = _impls(layer)
+    ours = [n for n in impls if n in OURS_FIRST]
+    by_case: dict[tuple, dict] = {}
+    for r in layer:
+        by_case.setdefault(_case_key(r), {})[(r["pass"], r["impl"])] = r
+    out = []
+    header = ["in × out", "M", "r", "sparsity", "dtype", "base"] + [f"{n}" for n in impls if n != "base"]
+    header += [f"adapter alone, speed-up: {n}" for n in ["unfused", *ours] if n != "reference"]
+    table = []
+    for key, cells in by_case.items():
+        inp, outf, m, r, s, dtype = key
+        line = [f"{inp} × {outf}", m, r, s, dtype, f"{cells[('fwd+bwd', 'base')]['ms']:.3g} ms"]
+        line += [f"{cells[('fwd+bwd', n)]['ratio']:.2f}×" for n in impls if n != "base"]
+        for n in ["unfused", *ours]:
+            if n != "reference":
+                p = path.get((key, n))
+                line.append(f"{1 / p['ratio']:.1f}×" if p else "-")
+        table.append(line)
+    out.append(
+        "Forward + backward, time over the frozen base linear's (lower is better; 1.00× = a free adapter). "
+        "`adapter alone`: the LoRA part only, speed-up over the reference backend's five kernels "
+        "(higher is better; `unfused` is torch's `B(A(x))·s`, as PEFT runs it).\n"
+    )
+    out.append(_table(header, table))
+    centre = _centre(by_case)
+    if centre is not None:
+        inp, outf, m, r, s, dtype = centre
+        out.append(f"\nBy pass at in × out {inp} × {outf}, M {m}, r {r}, sparsity {s}, {dtype} (ratio to base):\n")
+        rows_ = [
+            [p, f"{by_case[centre][(p, 'base')]['ms']:.3g} ms"]
+            + [f"{by_case[centre][(p, n)]['ratio']:.2f}×" for n in impls if n != "base"]
+            for p in ("fwd", "bwd", "fwd+bwd")
+        ]
+        out.append(_table(["pass", "base"] + [n for n in impls if n != "base"], rows_))
+    if generate_a:
+        out.append("\nRegenerating A from its seed (float32), bit-identical on every backend:\n")
+        ga = {}
+        for r in generate_a:
+            ga.setdefault((r["r"], r["d_in"]), {})[r["impl"]] = r
+        names = [n for n in OURS_FIRST if any(n in v for v in ga.values()) and n != "reference"]
+        rows_ = [
+            [f"{r} × {d}", f"{v['reference']['ms']:.3g} ms"]
+            + [f"{v[n]['ms']:.3g} ms ({1 / v[n]['ratio']:.1f}×)" for n in names]
+            for (r, d), v in ga.items()
+        ]
+        out.append(_table(["r × d_in", "reference"] + [f"{n} (speed-up)" for n in names], rows_))
+    return "\n".join(out)
+
+
+def _centre(by_case: dict) -> tuple | None:
+    """The case that has the most neighbours in the star (the centre), if any."""
+    if not by_case:
+        return None
+    keys = list(by_case)
+    return max(keys, key=lambda k: sum(sum(a != b for a, b in zip(k, other, strict=True)) == 1 for other in keys))
+
+
+def memory_markdown(layer: list[dict], model: list[dict]) -> str:
+    out = []
+    if layer:
+        first = layer[0]
+        out.append(
+            f"Saved for backward by one layer (in × out {first['in']} × {first['out']}, M {first['M']}, "
+            f"r {first['r']}, sparsity {first['sparsity']}, {first['dtype']}), in units of M·r elements "
+            "(weights excluded):\n"
+        )
+        by = {(r["impl"], r["dropout"]): r for r in layer}
+        dropouts = sorted({r["dropout"] for r in layer})
+        rows_ = [[n] + [f"{by[(n, d)]['x_mr']:g}" for d in dropouts] for n in _impls(layer)]
+        out.append(_table(["implementation"] + [f"dropout {d:g}" for d in dropouts], rows_))
+    if model:
+        first = model[0]
+        out.append(
+            f"\nOne training step of a Llama-shaped model (hidden {first['hidden']}, MLP "
+            f"{first['intermediate']}, {first['layers']} layers, vocab {first['vocab']}, {first['tokens']} tokens, "
+            f"{first['dtype']}; r {first['r']}, LoRI-S sparsity {first['sparsity']}; peak: "
+            f"{first['peak_method'].replace('_', ' ')}), MB:\n"
+        )
+        peft = {r["dropout"]: r for r in model if r["variant"] == "peft_lora"}
+        rows_ = []
+        for r in model:
+            state = r["trainable_bytes"] + r["grad_bytes"] + r["adamw_bytes"]
+            ref = peft.get(r["dropout"])
+            ref_state = ref["trainable_bytes"] + ref["grad_bytes"] + ref["adamw_bytes"] if ref else 0
+            rows_.append(
+                [
+                    r["variant"],
+                    f"{r['dropout']:g}",
+                    f"{r['trainable_params']:,}",
+                    _mb(state) + (f" ({state / ref_state:.0%})" if ref_state else ""),
+                    _mb(r["saved_bytes"]),
+                    _mb(r["peak_bytes"]),
+                    _mb(r["peak_bytes"] - r["model_bytes"]),
+                ]
+            )
+        header = ["variant", "dropout", "trainable params", "params + grads + AdamW (% of PEFT)", "saved activations"]
+        out.append(_table(header + ["step peak", "peak above the model's tensors"], rows_))
+    return "\n".join(out)
+
+
+def storage_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    names = {"peft_lora": "PEFT LoRA", "lori_original": "original LoRI-S (PEFT file)", "lori": "ours"}
+    out = [f"Checkpoint on disk, {rows[0]['model']}, bf16 (tensors + config file):\n"]
+    table = [
+        [
+            names.get(r["method"], r["method"]),
+            r["r"],
+            r["sparsity"] if r["method"] != "peft_lora" else "-",
+            r["block"],
+            f"{r['total_bytes'] / 1e6:.2f} MB",
+            f"{100 * r['ratio']:.2f}%",
+        ]
+        for r in sorted(rows, key=lambda r: (r["r"] != 32, r["r"], r["method"] != "peft_lora", r["sparsity"]))
+    ]
+    out.append(_table(["checkpoint", "r", "sparsity", "block", "size", "of PEFT LoRA"], table))
+    return "\n".join(out)
+
+
+def markdown(results: Path = RESULTS) -> str:
+    """Every results table under ``results`` as markdown, one section per device."""
+    sections = []
+    for device in DEVICES:
+        env = _environment(results, device)
+        parts = [
+            kernels_markdown(_load(results, "kernels", device), _load(results, "generate_a", device))
+            if _load(results, "kernels", device)
+            else "",
+            memory_markdown(_load(results, "memory_layer", device), _load(results, "memory_model", device)),
+            storage_markdown(_load(results, "storage", device)),
+        ]
+        parts = [p for p in parts if p]
+        if not parts:
+            continue
+        where = "GPU" if device == "cuda" else "CPU"
+        if env:
+            where += (
+                f": {env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+                f"commit {env['commit']}, {env['date']}"
+            )
+        sections.append(f"#### {where}\n\n" + "\n\n".join(parts))
+    return "\n\n".join(sections)
+
+
+def plots(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
+    """Write the PNG plots of every results table found under ``results`` into ``out``
+    (default: ``results``); return their paths."""
+    from matplotlib.figure import Figure
+
+    written = []
+    out = out or results
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        written.append(path)
+
+    for device in DEVICES:
+        label = "GPU" if device == "cuda" else "CPU"
+        env = _environment(results, device)
+        title = f"{label}: {env['device']}" if env else label
+        kernels = [r for r in _load(results, "kernels", device) if r["part"] == "layer"]
+        if kernels:
+            by_case: dict[tuple, dict] = {}
+            for r in kernels:
+                by_case.setdefault(_case_key(r), {})[(r["pass"], r["impl"])] = r
+            impls = [n for n in _impls(kernels) if n != "base"]
+            centre = _centre(by_case)
+            fig = Figure(figsize=(10, 4))
+            ax1, ax2 = fig.subplots(1, 2)
+            shapes = [k for k in by_case if k[2:] == centre[2:]]
+            width = 0.8 / max(len(impls), 1)
+            for i, n in enumerate(impls):
+                ax1.bar(
+                    [j + i * width for j in range(len(shapes))],
+                    [by_case[k][("fwd+bwd", n)]["ratio"] for k in shapes],
+                    width,
+                    label=n,
+                )
+            ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [f"{k[0]}×{k[1]}" for k in shapes])
+            ax1.axhline(1.0, color="k", lw=0.8)
+            ax1.set_ylabel("fwd+bwd time / base linear")
+            ax1.set_title(f"by shape (M {centre[2]}, r {centre[3]}, sparsity {centre[4]}, {centre[5]})", fontsize=9)
+            ax1.legend(fontsize=8)
+            sweep = sorted((k for k in by_case if k[:4] == centre[:4] and k[5] == centre[5]), key=lambda k: k[4])
+            for n in impls:
+                ax2.plot([k[4] for k in sweep], [by_case[k][("fwd+bwd", n)]["ratio"] for k in sweep], "o-", label=n)
+            ax2.axhline(1.0, color="k", lw=0.8)
+            ax2.set_xlabel("sparsity of B")
+            ax2.set_title(f"by sparsity ({centre[0]}×{centre[1]}, M {centre[2]}, r {centre[3]})", fontsize=9)
+            fig.suptitle(f"LoRI layer forward + backward, {title}", fontsize=10)
+            save(fig, f"kernels_{device}")
+        model = _load(results, "memory_model", device)
+        if model:
+            fig = Figure(figsize=(10, 4))
+            ax1, ax2 = fig.subplots(1, 2)
+            zero = [r for r in model if r["dropout"] == 0]
+            names = [r["variant"] for r in zero if r["variant"] != "base"]
+            parts = (("trainable_bytes", "parameters"), ("grad_bytes", "gradients"), ("adamw_bytes", "AdamW state"))
+            bottom = [0.0] * len(names)
+            for key, label_ in parts:
+                values = [r[key] / 1e6 for r in zero if r["variant"] != "base"]
+                ax1.bar(names, values, bottom=bottom, label=label_)
+                bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+            ax1.set_ylabel("MB")
+            ax1.set_title("trainable state", fontsize=9)
+            ax1.legend(fontsize=8)
+            ax1.tick_params(axis="x", labelsize=8)
+            dropouts = sorted({r["dropout"] for r in model})
+            variants = list(dict.fromkeys(r["variant"] for r in model))
+            by = {(r["variant"], r["dropout"]): r for r in model}
+            width = 0.8 / len(dropouts)
+            for i, d in enumerate(dropouts):
+                xs = [j + i * width for j, v in enumerate(variants) if (v, d) in by]
+                ys = [(by[(v, d)]["peak_bytes"] - by[(v, d)]["model_bytes"]) / 1e6 for v in variants if (v, d) in by]
+                ax2.bar(xs, ys, width, label=f"dropout {d:g}")
+            ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants, fontsize=8)
+            ax2.set_ylabel("MB")
+            ax2.set_title("training step peak above the model's tensors", fontsize=9)
+            ax2.legend(fontsize=8)
+            fig.suptitle(f"Memory, Llama-shaped model, {title}", fontsize=10)
+            save(fig, f"memory_{device}")
+        storage = [r for r in _load(results, "storage", device) if r["r"] == 32]
+        if storage:
+            fig = Figure(figsize=(7, 4))
+            ax = fig.subplots()
+            names = [
+                {"peft_lora": "PEFT LoRA", "lori_original": "orig. LoRI-S"}.get(
+                    r["method"], f"ours s={r['sparsity']:g}" + (" 1×1" if r["block"] == "1x1" else "")
+                )
+                for r in storage
+            ]
+            ax.bar(names, [r["total_bytes"] / 1e6 for r in storage])
+            ax.set_yscale("log")
+            ax.set_ylabel("MB (log)")
+            ax.tick_params(axis="x", labelsize=8, rotation=30)
+            ax.set_title(f"Adapter checkpoint, {storage[0]['model']}, r 32, bf16", fontsize=10)
+            save(fig, f"storage_{device}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results directory (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    plots(args.results)
+    print(markdown(args.results))
+
+
+if __name__ == "__main__":
+    main()
