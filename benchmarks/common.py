@@ -57,7 +57,8 @@ def environment(device: torch.device | None = None) -> dict:
 
 
 def _git_commit() -> str:
-    """The checkout's commit, with ``-dirty`` when tracked files have changed since."""
+    """The checkout's commit, with ``-dirty`` when tracked files other than results files
+    have changed since (a run rewrites the committed results as it goes)."""
 
     def git(*args):
         return subprocess.run(
@@ -66,7 +67,8 @@ def _git_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results")
+        return commit + ("-dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
