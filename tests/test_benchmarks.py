@@ -134,3 +134,19 @@ def test_lori_bench_on_the_command_line_renders_committed_results(tmp_path, caps
     assert main(["bench", "--report-only", "--results", str(results)]) == 0
     assert "| in × out |" in capsys.readouterr().out
     assert {p.name for p in results.glob("*.png")} >= {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}
+
+
+def test_readme_benchmark_tables_are_the_committed_results():
+    """Every table row of the README's benchmark section is in the report rendered from
+    the committed results files."""
+    import importlib
+
+    from lori.bench import benchmarks_package
+
+    benchmarks_package()
+    rendered = importlib.import_module("benchmarks.report").markdown(RESULTS)
+    section = (ROOT / "README.md").read_text().split("\n## Benchmarks\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert len(rows) > 20
+    missing = [row for row in rows if row not in rendered]
+    assert not missing, missing[:3]
