@@ -15,6 +15,7 @@ import logging
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -174,3 +175,15 @@ def random_block_mask(out: int, r: int, block: tuple[int, int], sparsity: float,
 def default_block(r: int) -> tuple[int, int]:
     """LoRIConfig's default block."""
     return (32, min(r, 32))
+
+
+def synced(device: torch.device, fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a device sync on a GPU, so wall-clock timing covers its kernels."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run

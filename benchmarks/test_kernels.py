@@ -10,24 +10,12 @@ import torch
 
 import lori_kernels
 from benchmarks import kernels
-from benchmarks.common import lori_backends
+from benchmarks.common import lori_backends, synced
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = kernels.centre(DEVICE.type, quick=DEVICE.type == "cpu")
 BACKENDS = lori_backends(DEVICE, SHAPE.dtype)
 IMPLS = ["base", "peft_lora", "lori_original", *BACKENDS]
-
-
-def synced(fn):
-    """``fn`` followed by a device sync on a GPU, so wall-clock timing covers its kernels."""
-    if DEVICE.type != "cuda":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +34,7 @@ def test_layer(benchmark, layer, impl, pass_):
         pytest.skip(f"{impl} is not available (peft missing?)")
     benchmark.group = f"layer {pass_}: {SHAPE}"
     benchmark.extra_info.update(SHAPE.columns(), impl=impl, passes=pass_)
-    benchmark(synced(kernels.passes(impls[impl], case["dy"])[pass_]))
+    benchmark(synced(DEVICE, kernels.passes(impls[impl], case["dy"])[pass_]))
 
 
 @pytest.mark.parametrize("backend", lori_kernels.available_backends("generate_a"))
@@ -58,4 +46,5 @@ def test_generate_a(benchmark, backend):
     got = lori_kernels.generate_a(kernels.GENERATE_A_SEED, r, d_in, device=DEVICE, backend=backend)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     benchmark.group = f"generate_a r={r} d_in={d_in}"
-    benchmark(synced(lambda: lori_kernels.generate_a(kernels.GENERATE_A_SEED, r, d_in, device=DEVICE, backend=backend)))
+    generate = lambda: lori_kernels.generate_a(kernels.GENERATE_A_SEED, r, d_in, device=DEVICE, backend=backend)
+    benchmark(synced(DEVICE, generate))

@@ -9,22 +9,11 @@ import pytest
 import torch
 
 from benchmarks import kernels, memory
-from benchmarks.common import lori_backends
+from benchmarks.common import lori_backends, synced
 from lori_kernels.saved_memory import saved_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASE = memory.model_case(DEVICE.type, quick=True)
-
-
-def synced(fn):
-    if DEVICE.type != "cuda":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
 
 
 @pytest.mark.parametrize("dropout", memory.DROPOUTS)
@@ -35,7 +24,7 @@ def test_training_step(benchmark, variant, dropout):
     benchmark.extra_info.update(memory.model_row(variant, CASE, dropout, DEVICE))
     run = memory.training(variant, CASE, dropout, DEVICE)
     benchmark.group = f"training step, dropout {dropout}"
-    benchmark.pedantic(synced(run.step), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(synced(DEVICE, run.step), rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("dropout", memory.DROPOUTS)
@@ -49,4 +38,4 @@ def test_layer_saved_for_backward(benchmark, dropout):
     assert all(saved[b] == mr for b in lori_backends(DEVICE, shape.dtype))
     benchmark.extra_info.update({f"saved_bytes_{name}": size for name, size in saved.items()})
     benchmark.group = "layer forward (saved bytes in extra_info)"
-    benchmark(synced(impls["reference"].forward))
+    benchmark(synced(DEVICE, impls["reference"].forward))

@@ -1,7 +1,7 @@
 """Adapters outside a model: per adapted linear, one ``LayerUpdate`` (``ΔW = scaling·B·A``).
 
-LoRI checkpoints, PEFT adapters and live models are read into this one form; merging
-combines it; ``install`` turns it back into ``LoRILinear``s inside a base model.
+LoRI checkpoints and PEFT adapters are read into this one form; merging combines it;
+``install`` turns it into ``LoRILinear``s inside a base model.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from torch import nn
 
 from lori.config import LoRIConfig
 from lori.layer import LoRILinear
-from lori.model import check_no_adapter, inject_layers, lori_layers
+from lori.model import check_no_adapter, inject_layers
 from lori_kernels import block_sparse, generate_a
 
-__all__ = ["LayerUpdate", "install", "updates_from_model"]
+__all__ = ["LayerUpdate", "install"]
 
 
 @dataclass(frozen=True)
@@ -55,24 +55,6 @@ class LayerUpdate:
         if self.a is not None:
             return self.a
         return generate_a(self.seed, self.r, self.in_features, dist=self.dist, device=self.b.device)
-
-
-def updates_from_model(model: nn.Module) -> dict[str, LayerUpdate]:
-    """The model's adapter, one update per ``LoRILinear`` (B gathered, on the CPU)."""
-    updates = {}
-    for name, layer in lori_layers(model).items():
-        stored = layer.stored_a is not None
-        updates[name] = LayerUpdate(
-            b=layer.b_dense().cpu(),
-            mask=layer.mask().cpu(),
-            scaling=layer.scaling,
-            in_features=layer.in_features,
-            block=layer.block,
-            dist=layer.dist,
-            seed=None if stored else layer.layer_seed,
-            a=layer.stored_a.cpu() if stored else None,
-        )
-    return updates
 
 
 def install(
