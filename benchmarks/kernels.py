@@ -15,7 +15,11 @@ Passes: ``fwd`` (a training forward: the graph is recorded), ``bwd`` (backward a
 retained graph) and ``fwd+bwd``. Part ``lora_path`` times the adapter alone (fwd+bwd): an
 unfused torch ``B(A(x))·s`` and each backend's five kernels, as ratios to the reference's.
 Table ``generate_a``: regenerating A, the torch reference against the compiled kernels
-(bit-identical outputs checked first).
+(bit-identical outputs checked first). Table ``merge``: materializing ``ΔW = s·B·A`` in float32
+to fold an adapter into its base weight (``lori.merge.delta_weight``: A regenerated, the
+backend's block-sparse expand kernel over the kept blocks) against PEFT's way, a dense
+``B @ A · s`` of stored A and B, at the full Llama-3-8B projection shapes (results checked
+against float64 math first).
 
 Before anything of a case is timed, every implementation's output and gradients (x and B
 at the kept blocks) are checked against the reference backend's.
@@ -56,6 +60,7 @@ SCALING = 2.0  # alpha = 2r, the LoRI recipe's
 PASSES = ("fwd", "bwd", "fwd+bwd")
 GENERATE_A_SHAPES = [(16, 4096), (32, 4096), (64, 4096), (32, 14336), (64, 14336)]  # (r, d_in)
 GENERATE_A_SEED = 2**63 + 12345
+QUICK_MERGE_SHAPES = [(256, 384)]  # (in, out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,8 +405,62 @@ def generate_a_rows(device: torch.device, backends: list[str], env: dict, quick:
     return rows
 
 
+def merge_rows(device: torch.device, backends: list[str], env: dict, quick: bool) -> list[dict]:
+    """``ΔW`` for folding: PEFT's dense ``B @ A · s`` against ``delta_weight`` per backend."""
+    from lori.layer import LoRILinear
+    from lori.merge import delta_weight
+
+    r, block = 32, default_block(32)
+    rows = []
+    for inp, out in QUICK_MERGE_SHAPES if quick else LLAMA3_8B_PROJECTIONS:
+        for sparsity in (0.0, 0.9):
+            g = torch.Generator().manual_seed(0)
+            mask = random_block_mask(out, r, block, sparsity, g)
+            base = torch.nn.utils.skip_init(torch.nn.Linear, inp, out, bias=False, device=device)
+            layer = LoRILinear(
+                base, r=r, alpha=2 * r, seed=1, block=block, b_blocks=block_sparse.blocks_from_mask(mask, block)
+            )
+            with torch.no_grad():
+                layer.b_values.normal_(generator=g)
+            a, b = layer.a(), layer.b_dense()
+            want = layer.scaling * (b.double() @ a.double())
+
+            def delta(backend):
+                def run():
+                    layer.backend = backend
+                    return delta_weight(layer)
+
+                return run
+
+            fns = {"peft_merge": lambda a=a, b=b: (b @ a) * layer.scaling}
+            for backend in backends:
+                torch.testing.assert_close(delta(backend)().double(), want, rtol=1e-4, atol=1e-6)
+                fns[backend] = delta(backend)
+            times = median_ms_each(fns, device, quick)
+            for impl, ms in times.items():
+                rows.append(
+                    {
+                        **env,
+                        "in": inp,
+                        "out": out,
+                        "r": r,
+                        "block": "x".join(map(str, block)),
+                        "sparsity": sparsity,
+                        "dtype": "float32",
+                        "impl": impl,
+                        "ms": round(ms, 4),
+                        "baseline": "peft_merge",
+                        "baseline_ms": round(times["peft_merge"], 4),
+                        "ratio": round(ms / times["peft_merge"], 4),
+                    }
+                )
+            summary = "  ".join(f"{n} {t:.1f} ms" for n, t in times.items())
+            log.info("merge %dx%d sparsity %g: %s", inp, out, sparsity, summary)
+    return rows
+
+
 def run(device: torch.device, *, quick: bool = False, full: bool = False, backends: list[str] | None = None) -> dict:
-    """The kernel suite on ``device``: tables ``kernels`` and ``generate_a``."""
+    """The kernel suite on ``device``: tables ``kernels``, ``generate_a`` and ``merge``."""
     env = environment(device)
     rows = []
     for shape in grid(device.type, quick=quick, full=full):
@@ -409,4 +468,9 @@ def run(device: torch.device, *, quick: bool = False, full: bool = False, backen
         if "reference" not in names:
             names.append("reference")  # the twin every check and lora_path ratio needs
         rows += time_case(shape, device, names, env, quick)
-    return {"kernels": rows, "generate_a": generate_a_rows(device, lori_backends(device, None, backends), env, quick)}
+    ours = lori_backends(device, None, backends)
+    return {
+        "kernels": rows,
+        "generate_a": generate_a_rows(device, ours, env, quick),
+        "merge": merge_rows(device, [b for b in ours if (b, device.type) != ("triton", "cpu")], env, quick),
+    }

@@ -54,6 +54,26 @@ def _case_key(row: dict) -> tuple:
     return (row["in"], row["out"], row["M"], row["r"], row["sparsity"], row["dtype"])
 
 
+def merge_markdown(rows: list[dict]) -> str:
+    """The ``merge`` table: materializing ΔW for folding, against PEFT's dense product."""
+    if not rows:
+        return ""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault((r["in"], r["out"], r["sparsity"]), {})[r["impl"]] = r
+    names = [n for n in OURS_FIRST if any(n in v for v in by_case.values())]
+    lines = [
+        [f"{i} × {o}", s, f"{v['peft_merge']['ms']:.3g} ms"] + [f"{v[n]['ratio']:.2f}×" for n in names]
+        for (i, o, s), v in by_case.items()
+    ]
+    r = rows[0]["r"]
+    intro = (
+        f"\nFolding an adapter: materializing ΔW = s·B·A (float32, r {r}), time over PEFT's dense `B @ A · s` of "
+        "stored A and B (`delta_weight`: A regenerated, the backend's block-sparse expand over the kept blocks):\n"
+    )
+    return intro + "\n" + _table(["in × out", "sparsity", "peft_merge"] + names, lines)
+
+
 def kernels_markdown(rows: list[dict], generate_a: list[dict]) -> str:
     layer = [r for r in rows if r["part"] == "layer"]
     path = {(_case_key(r), r["impl"]): r for r in rows if r["part"] == "lora_path"}
@@ -186,6 +206,7 @@ def markdown(results: Path = RESULTS) -> str:
             kernels_markdown(_load(results, "kernels", device), _load(results, "generate_a", device))
             if _load(results, "kernels", device)
             else "",
+            merge_markdown(_load(results, "merge", device)),
             memory_markdown(_load(results, "memory_layer", device), _load(results, "memory_model", device)),
             storage_markdown(_load(results, "storage", device)),
         ]
