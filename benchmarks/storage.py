@@ -61,33 +61,6 @@ def _targets(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def _put(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def _stand_in(linear: nn.Linear) -> nn.Linear:
-    """A CPU ``nn.Linear`` of ``linear``'s shape whose weight takes no memory (stride 0)."""
-    stand_in = nn.Linear(1, 1, bias=False)
-    stand_in.in_features, stand_in.out_features = linear.in_features, linear.out_features
-    stand_in.weight = nn.Parameter(torch.zeros(()).expand(linear.out_features, linear.in_features), requires_grad=False)
-    return stand_in
-
-
-def lori_on_meta(model: nn.Module, config: lori.LoRIConfig, masks: dict | None) -> nn.Module:
-    """``lori.get_lori_model`` on a model whose base weights are on the meta device, with
-    real CPU adapters. ``LoRILinear`` makes its adapter on its base weight's device, so each
-    target layer is replaced by a weightless CPU stand-in of its shape while the adapters
-    are made, then put back under them."""
-    targets = _targets(model)
-    for name, linear in targets.items():
-        _put(model, name, _stand_in(linear))
-    lori.get_lori_model(model, config, masks=masks)
-    for name, layer in lori.lori_layers(model).items():
-        layer.base_layer = targets[name]
-    return model
-
-
 def peft_on_meta(model: nn.Module, r: int) -> nn.Module:
     """PEFT LoRA on a meta model, its adapter weights materialized (zeros, bf16) on the CPU."""
     import peft
@@ -124,7 +97,7 @@ def lori_model(config, r: int, sparsity: float, block: tuple[int, int]) -> nn.Mo
     model = meta_model(config)
     g = torch.Generator().manual_seed(0)
     masks = {n: random_block_mask(m.out_features, r, block, sparsity, g) for n, m in _targets(model).items()}
-    return lori_on_meta(model, lori.LoRIConfig(r=r, block=block), masks if sparsity else None)
+    return lori.get_lori_model(model, lori.LoRIConfig(r=r, block=block), masks if sparsity else None, device="cpu")
 
 
 def lori_bytes(config, r: int, sparsity: float, block: tuple[int, int], workdir: Path) -> tuple[int, int, int]:

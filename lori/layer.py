@@ -22,6 +22,10 @@ class LoRILinear(nn.Module):
     ``b_blocks`` every block is kept (LoRI-D). ``b_values`` is float32 (the optimizer's
     master copy) and cast to the base weight's dtype in forward.
 
+    The adapter's tensors live on ``device`` (default: the base weight's), e.g. real CPU
+    adapters over a base built on the ``meta`` device, to save or size a checkpoint of a
+    model too large to load.
+
     With ``a`` given, the layer keeps that A ``[r, in]`` as buffer ``stored_a`` instead of
     regenerating it (adapters imported from PEFT or the original LoRI code, merges of
     adapters with different seeds); it then runs the plain-torch path
@@ -46,6 +50,7 @@ class LoRILinear(nn.Module):
         b_blocks: torch.Tensor | None = None,
         backend: str = "auto",
         a: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
     ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -59,7 +64,7 @@ class LoRILinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.block, self.dist, self.dropout, self.backend = block, dist, float(dropout), backend
-        device = base_layer.weight.device
+        device = torch.device(device) if device is not None else base_layer.weight.device
         if b_blocks is None:
             b_blocks = block_sparse.dense_blocks(self.out_features, r, block)
         b_blocks = b_blocks.to(device=device, dtype=torch.int32).contiguous()

@@ -57,13 +57,19 @@ def check_no_adapter(model: nn.Module) -> None:
 
 
 def get_lori_model(
-    model: nn.Module, config: LoRIConfig, masks: dict[str, torch.Tensor] | None = None, *, backend: str = "auto"
+    model: nn.Module,
+    config: LoRIConfig,
+    masks: dict[str, torch.Tensor] | None = None,
+    *,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose name ends in one of
     ``config.target_modules`` by a ``LoRILinear`` and freeze everything else; return the
     model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
     only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
-    comes from ``layer_seed(config.seed, name)``."""
+    comes from ``layer_seed(config.seed, name)``. The adapters live on ``device`` (default:
+    each base weight's)."""
     check_no_adapter(model)
     targets = _targets(model, config)
     if not targets:
@@ -75,7 +81,7 @@ def get_lori_model(
         b_blocks = None
         if masks is not None:
             try:
-                b_blocks = block_sparse.blocks_from_mask(masks[name].to(linear.weight.device), config.block)
+                b_blocks = block_sparse.blocks_from_mask(masks[name].to(device or linear.weight.device), config.block)
             except ValueError as e:
                 raise ValueError(f"mask of {name}: {e}") from None
         return LoRILinear(
@@ -88,6 +94,7 @@ def get_lori_model(
             dropout=config.dropout,
             b_blocks=b_blocks,
             backend=backend,
+            device=device,
         )
 
     return inject_layers(model, config, targets, make_layer)

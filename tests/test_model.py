@@ -222,3 +222,20 @@ def test_layer_keeps_its_block_indices_contiguous():
     from lori.merge import delta_weight
 
     assert delta_weight(layer).shape == (64, 8)
+
+
+def test_cpu_adapters_over_a_meta_base_save_like_real_ones(tmp_path):
+    """A model too large to load: its shapes on the meta device, the adapters real on the CPU."""
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(**TINY))
+    config = LoRIConfig(r=8, block=(16, 8), seed=5)
+    lori.get_lori_model(meta, config, device="cpu")
+    randomize_b(meta)
+    assert all(layer.b_values.device.type == "cpu" for layer in lori.lori_layers(meta).values())
+    real = lori.get_lori_model(tiny_model(), config)
+    randomize_b(real)
+    lori.save_lori(meta, tmp_path / "meta")
+    lori.save_lori(real, tmp_path / "real")
+    assert (tmp_path / "meta" / "adapter.safetensors").read_bytes() == (
+        tmp_path / "real" / "adapter.safetensors"
+    ).read_bytes()
