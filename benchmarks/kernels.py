@@ -156,6 +156,19 @@ def make_case(shape: Shape, device: torch.device, seed: int = 0) -> dict:
     )
 
 
+def timing_row(env: dict, columns: dict, impl: str, ms: float, baseline: str, baseline_ms: float) -> dict:
+    """One results row: environment, the case's columns, a time and its ratio to the baseline's."""
+    return {
+        **env,
+        **columns,
+        "impl": impl,
+        "ms": round(ms, 4),
+        "baseline": baseline,
+        "baseline_ms": round(baseline_ms, 4),
+        "ratio": round(ms / baseline_ms, 4),
+    }
+
+
 @dataclasses.dataclass
 class Impl:
     """One way of running the layer of a case."""
@@ -330,19 +343,8 @@ def time_case(shape: Shape, device: torch.device, backends: list[str], env: dict
     rows = []
 
     def add(part, pass_, name, ms, baseline, baseline_ms):
-        rows.append(
-            {
-                **env,
-                **shape.columns(),
-                "part": part,
-                "pass": pass_,
-                "impl": name,
-                "ms": round(ms, 4),
-                "baseline": baseline,
-                "baseline_ms": round(baseline_ms, 4),
-                "ratio": round(ms / baseline_ms, 4),
-            }
-        )
+        columns = {**shape.columns(), "part": part, "pass": pass_}
+        rows.append(timing_row(env, columns, name, ms, baseline, baseline_ms))
 
     timed = {(name, p): fn for name, impl in impls.items() for p, fn in passes(impl, case["dy"]).items()}
     timed |= {(name, "lora_path"): fn for name, fn in lora_paths(case, backends).items()}
@@ -387,20 +389,8 @@ def generate_a_rows(device: torch.device, backends: list[str], env: dict, quick:
             got = generate(backend)()
             assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"generate_a: {backend} != reference"
         times = median_ms_each({b: generate(b) for b in ["reference", *compiled]}, device, quick)
-        for backend, ms in times.items():
-            rows.append(
-                {
-                    **env,
-                    "r": r,
-                    "d_in": d_in,
-                    "dtype": "float32",
-                    "impl": backend,
-                    "ms": round(ms, 4),
-                    "baseline": "reference",
-                    "baseline_ms": round(times["reference"], 4),
-                    "ratio": round(ms / times["reference"], 4),
-                }
-            )
+        columns = {"r": r, "d_in": d_in, "dtype": "float32"}
+        rows += [timing_row(env, columns, b, ms, "reference", times["reference"]) for b, ms in times.items()]
         log.info("generate_a r=%d d_in=%d: %s", r, d_in, "  ".join(f"{b} {ms:.3f} ms" for b, ms in times.items()))
     return rows
 
@@ -437,23 +427,15 @@ def merge_rows(device: torch.device, backends: list[str], env: dict, quick: bool
                 torch.testing.assert_close(delta(backend)().double(), want, rtol=1e-4, atol=1e-6)
                 fns[backend] = delta(backend)
             times = median_ms_each(fns, device, quick)
-            for impl, ms in times.items():
-                rows.append(
-                    {
-                        **env,
-                        "in": inp,
-                        "out": out,
-                        "r": r,
-                        "block": "x".join(map(str, block)),
-                        "sparsity": sparsity,
-                        "dtype": "float32",
-                        "impl": impl,
-                        "ms": round(ms, 4),
-                        "baseline": "peft_merge",
-                        "baseline_ms": round(times["peft_merge"], 4),
-                        "ratio": round(ms / times["peft_merge"], 4),
-                    }
-                )
+            columns = {
+                "in": inp,
+                "out": out,
+                "r": r,
+                "block": "x".join(map(str, block)),
+                "sparsity": sparsity,
+                "dtype": "float32",
+            }
+            rows += [timing_row(env, columns, n, ms, "peft_merge", times["peft_merge"]) for n, ms in times.items()]
             summary = "  ".join(f"{n} {t:.1f} ms" for n, t in times.items())
             log.info("merge %dx%d sparsity %g: %s", inp, out, sparsity, summary)
     return rows
