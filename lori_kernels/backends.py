@@ -20,11 +20,14 @@ from lori_kernels import _extension
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "available_backends", "resolve", "unavailable_reason"]
+__all__ = ["BACKENDS", "TRITON_BACKENDS", "available_backends", "resolve", "unavailable_reason"]
 
 # Every backend name the project knows, fastest first (on a GPU, Triton's tensor-core
-# kernels before the extension's CUDA-core ones).
-BACKENDS = ("triton", "cuda_ext", "cpu_ext", "reference")
+# kernels before the extension's CUDA-core ones). "triton_epilogue" is the Triton backend
+# with Triton's own GEMMs, the adapter in their epilogues: lori_linear only, and never
+# picked by "auto" until a GPU benchmark shows it beats "triton".
+BACKENDS = ("triton", "triton_epilogue", "cuda_ext", "cpu_ext", "reference")
+TRITON_BACKENDS = ("triton", "triton_epilogue")
 
 # The ops with backends, and the compiled op whose kernel tells whether the extension
 # covers it on a device.
@@ -44,7 +47,9 @@ def unavailable_reason(backend: str, op: str, device_type: str, dtype: torch.dty
         return f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}"
     if backend == "reference":
         return None
-    if backend == "triton":
+    if backend in TRITON_BACKENDS:
+        if backend == "triton_epilogue" and op != "lori_linear":
+            return f"{op} has no 'triton_epilogue' backend; use 'triton'"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreting()):
@@ -81,7 +86,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | No
     skipped = []
     for candidate in BACKENDS:
         reason = unavailable_reason(candidate, op, device.type, dtype)
-        if reason is None and candidate == "triton" and device.type == "cpu":
+        if reason is None and candidate in TRITON_BACKENDS and device.type == "cpu":
             reason = "the Triton interpreter is for tests; ask for backend='triton' explicitly"
         if reason is None:
             break

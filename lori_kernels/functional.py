@@ -18,6 +18,8 @@ def _backend_module(name: str) -> ModuleType:
     Triton kernels are defined, and the extension's layer registered, on first use."""
     if name == "triton":
         from lori_kernels.triton_kernels import layer as module
+    elif name == "triton_epilogue":
+        from lori_kernels.triton_kernels import epilogue_layer as module
     elif name in ("cpu_ext", "cuda_ext"):
         from lori_kernels import ops as module  # once the extension is loaded
     else:
@@ -26,8 +28,9 @@ def _backend_module(name: str) -> ModuleType:
 
 
 def layer_kernels(backend: str) -> LayerKernels:
-    """The five kernels (shrink, shrink_backward_, expand_, expand_backward, sddmm) that
-    a backend's fused layer is made of: for benchmarks and kernel-level tests."""
+    """The kernels (shrink, shrink_backward_, expand_, expand_backward, sddmm, and the
+    optional GEMMs with epilogues) that a backend's fused layer is made of: for
+    benchmarks and kernel-level tests."""
     if backend not in backends.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {backends.BACKENDS}")
     if backend.endswith("_ext") and (error := _extension.load_error()) is not None:

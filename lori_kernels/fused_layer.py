@@ -1,6 +1,6 @@
 """The fused LoRI layer composed from five kernels, registered as ``torch.library`` custom
-ops with fake (meta) and autograd implementations, once per kernel set (Triton, and the
-compiled C++/CUDA extension):
+ops with fake (meta) and autograd implementations, once per kernel set (Triton, Triton
+with its own GEMMs, and the compiled C++/CUDA extension):
 
     forward   y = x @ W.T + b           (torch matmul)
               h = (x * D) @ A.T          shrink
@@ -9,6 +9,10 @@ compiled C++/CUDA extension):
               dx = dy @ W                (torch matmul)
               dx += (g @ A) * D          shrink_backward_, in place
               db_values = s * dy.T @ h   sddmm, kept blocks only
+
+A kernel set may also bring the two GEMMs with the adapter in their epilogues
+(``linear_expand``, ``linear_shrink_backward``), which then replace each torch matmul and
+the in-place kernel after it.
 
 Only ``h`` [M, r] is saved for backward (besides the frozen weight and B, which are no
 activations); A and the dropout mask D are regenerated from their seeds, so
@@ -28,7 +32,7 @@ __all__ = ["LayerKernels", "register_fused_layer"]
 
 
 class LayerKernels(NamedTuple):
-    """The five kernels of a backend. Tensors are contiguous; seeds are int64 (the uint64
+    """The kernels of a backend. Tensors are contiguous; seeds are int64 (the uint64
     seed in two's complement); B is ``b_values`` [nnz, bo, br] at sorted ``b_blocks``."""
 
     shrink: Callable  # (x, seed, r, dist, dropout_p, dropout_seed) -> h [M, r]
@@ -36,6 +40,10 @@ class LayerKernels(NamedTuple):
     expand_: Callable  # (y, h, b_values, b_blocks, scaling) -> None
     expand_backward: Callable  # (dy, b_values, b_blocks, r, scaling) -> g [M, r]
     sddmm: Callable  # (dy, h, b_blocks, bo, br, scaling) -> db_values [nnz, bo, br]
+    # Optional GEMMs with the adapter in the epilogue (None: torch matmul, then expand_ /
+    # shrink_backward_ in place).
+    linear_expand: Callable | None = None  # (x, weight, bias, h, b_values, b_blocks, scaling) -> y
+    linear_shrink_backward: Callable | None = None  # (dy, weight, g, seed, dist, dropout_p, dropout_seed) -> dx
 
 
 def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
@@ -60,8 +68,10 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         dropout_p: float,
         dropout_seed: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.nn.functional.linear(x, weight, bias)
         h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
+        if kernels.linear_expand is not None:
+            return kernels.linear_expand(x, weight, bias, h, b_values, b_blocks, scaling), h
+        y = torch.nn.functional.linear(x, weight, bias)
         kernels.expand_(y, h, b_values, b_blocks, scaling)
         return y, h
 
@@ -83,8 +93,11 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         dx = db_values = dy.new_empty(0)
         if need_dx:
             g = kernels.expand_backward(dy, b_values, b_blocks, h.shape[1], scaling)
-            dx = dy @ weight
-            kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
+            if kernels.linear_shrink_backward is not None:
+                dx = kernels.linear_shrink_backward(dy, weight, g, seed, dist, dropout_p, dropout_seed)
+            else:
+                dx = dy @ weight
+                kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
         if need_db:
             db_values = kernels.sddmm(dy, h, b_blocks, b_values.shape[1], b_values.shape[2], scaling)
         return dx, db_values

@@ -1,4 +1,5 @@
-"""The fused layer of every fast backend (Triton, the C++ CPU ops, the CUDA ops) against
+"""The fused layer of every fast backend (Triton, Triton with its own GEMMs, the C++ CPU
+ops, the CUDA ops) against
 the reference: forward and both gradients, odd shapes, dropout, sparsity 0 to 1, what is
 saved for backward, torch.compile and activation checkpointing.
 
@@ -13,11 +14,13 @@ import torch
 from helpers import assert_error_earned, make_layer, run
 
 import lori_kernels
+from lori_kernels.backends import TRITON_BACKENDS
 from lori_kernels.saved_memory import saved_bytes
 
 GPU = torch.cuda.is_available()
 CASES = [  # (backend, device)
     pytest.param(("triton", "cuda" if GPU else "cpu"), id="triton"),
+    pytest.param(("triton_epilogue", "cuda" if GPU else "cpu"), id="triton_epilogue"),
     pytest.param(("cpu_ext", "cpu"), id="cpu_ext"),
     pytest.param(("cuda_ext", "cuda"), id="cuda_ext", marks=pytest.mark.gpu),
 ]
@@ -37,7 +40,7 @@ def backend(request):
 
 
 def dtypes(backend_name, device):
-    interpreter = backend_name == "triton" and device == "cpu"
+    interpreter = backend_name in TRITON_BACKENDS and device == "cpu"
     return [torch.float32, torch.float16] + ([] if interpreter else [torch.bfloat16])
 
 

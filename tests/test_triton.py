@@ -1,5 +1,6 @@
-"""The Triton kernels' LoRI-RNG bit for bit, their op registration and backend selection
-(the fused layer's numerics are in test_fused_layer.py, for every backend).
+"""The Triton kernels' LoRI-RNG bit for bit, the GEMMs with epilogues against torch, op
+registration and backend selection (the fused layer's numerics are in
+test_fused_layer.py, for every backend).
 
 Without a GPU these run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest).
 """
@@ -15,7 +16,7 @@ from lori_kernels import backends, rng
 
 pytest.importorskip("triton")
 
-from lori_kernels.triton_kernels import philox  # noqa: E402
+from lori_kernels.triton_kernels import gemm, philox  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -69,13 +70,40 @@ def test_dropout_golden(golden):
         assert keep.to(torch.int64).tolist() == case["keep"]
 
 
-def test_opcheck():
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_expand(bias):
+    """x @ W.T + b + s * h @ B.T with W stored transposed (strided), M and out not
+    multiples of the tile, a partial last block row."""
+    layer = make_layer(70, 40, 8, (32, 4), keep=0.5, bias=bias, device=DEVICE)
+    weight = layer["weight"].t().contiguous().t()
+    x, h = torch.randn(37, 40, device=DEVICE), torch.randn(37, 8, device=DEVICE)
+    y = gemm.linear_expand(x, weight, layer["bias"], h, layer["b_values"], layer["b_blocks"], 0.5)
+    want = torch.nn.functional.linear(x, weight, layer["bias"]) + 0.5 * h @ layer["b_dense"].T
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_features, dropout_p", [(40, 0.0), (41, 0.3)])
+def test_linear_shrink_backward(in_features, dropout_p):
+    """dy @ W + (g @ A) * D, A and D regenerated (d_in % 4 == 0 or not)."""
+    weight = torch.randn(70, in_features, device=DEVICE)
+    dy, g = torch.randn(37, 70, device=DEVICE), torch.randn(37, 8, device=DEVICE)
+    seed, dropout_seed = 2**63 + 9, 4
+    dx = gemm.linear_shrink_backward(dy, weight, g, seed, "rademacher", dropout_p, dropout_seed)
+    a = rng.generate_a_tile(seed, in_features, 0, 8, 0, in_features, dist="rademacher").to(DEVICE)
+    keep = rng.dropout_keep(dropout_seed, dropout_p, 37, in_features).to(DEVICE)
+    want = dy @ weight + (g @ a) * keep / (1 - dropout_p)
+    torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("namespace", ["lori_triton", "lori_triton_epilogue"])
+def test_opcheck(namespace):
     layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=DEVICE)
     x = torch.randn(20, 40, device=DEVICE, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
     args = (x, layer["weight"], layer["bias"], b_values, layer["b_blocks"], -3, 8, 2.0, "uniform", 0.1, 5)
+    lori_kernels.layer_kernels(namespace.replace("lori_", ""))  # registers the backend's ops
     torch.library.opcheck(
-        torch.ops.lori_triton.forward.default,
+        getattr(torch.ops, namespace).forward.default,
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
@@ -90,6 +118,11 @@ def test_backend_selection(monkeypatch):
     assert backends.resolve("auto", "lori_linear", torch.device(DEVICE), torch.float64) != "triton"
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         backends.resolve("triton", "lori_linear", torch.device(DEVICE), torch.float64)
+    # The GEMM-epilogue variant runs lori_linear only, and auto never picks it.
+    assert "triton_epilogue" not in lori_kernels.available_backends("generate_a")
+    assert "triton_epilogue" in lori_kernels.available_backends("lori_linear")
+    with pytest.raises(RuntimeError, match="use 'triton'"):
+        backends.resolve("triton_epilogue", "generate_a", torch.device(DEVICE))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton runs on CUDA devices"):
         backends.resolve("triton", "lori_linear", torch.device("cpu"), torch.float32)

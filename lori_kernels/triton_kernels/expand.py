@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lori_kernels.triton_kernels.tuning import configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, tile
 
 
 class BlockIndex(NamedTuple):
@@ -38,6 +38,53 @@ def block_index(b_blocks: torch.Tensor, n_rows: int, n_cols: int) -> BlockIndex:
     return BlockIndex(row_ptr.int(), col_ptr.int(), col_order.int())
 
 
+def block_slots(b_blocks: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """int32 ``[n_rows, n_cols]``: the index in ``b_values`` of each kept block, -1 where
+    the block is dropped (a dense map for kernels that visit every block of a tile)."""
+    slots = torch.full((n_rows, n_cols), -1, dtype=torch.int32, device=b_blocks.device)
+    index = torch.arange(b_blocks.shape[0], dtype=torch.int32, device=b_blocks.device)
+    slots[b_blocks[:, 0].long(), b_blocks[:, 1].long()] = index
+    return slots
+
+
+@triton.jit
+def expand_tile(
+    h_ptr,
+    bv_ptr,
+    slot_ptr,
+    M,
+    N,
+    R,
+    N_BLOCK_COLS,
+    row0,
+    col0,
+    BO: tl.constexpr,
+    BR: tl.constexpr,
+    R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """float32 tile ``(h @ B.T)[row0:row0+BLOCK_M, col0:col0+BLOCK_N]`` of ``[M, N]``, the
+    tile's rows of B gathered from the kept blocks through ``block_slots`` (dropped blocks
+    read as zeros, and are never loaded)."""
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rn = col0 + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R_PAD)
+    hb = tl.load(h_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    slot = tl.load(
+        slot_ptr + (rn // BO)[:, None] * N_BLOCK_COLS + (rr // BR)[None, :],
+        mask=(rn[:, None] < N) & (rr[None, :] < R),
+        other=-1,
+    )
+    b = tl.load(
+        bv_ptr + slot.to(tl.int64) * (BO * BR) + (rn % BO)[:, None] * BR + (rr % BR)[None, :],
+        mask=slot >= 0,
+        other=0.0,
+    )
+    return tl.dot(hb, tl.trans(b.to(hb.dtype)), input_precision=PRECISION)
+
+
 def _configs():
     return configs(
         [dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
@@ -45,7 +92,7 @@ def _configs():
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
 @triton.jit
 def _expand_kernel(
     h_ptr,
@@ -93,7 +140,7 @@ def _expand_kernel(
         tl.store(ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
 @triton.jit
 def _expand_backward_kernel(
     dy_ptr,

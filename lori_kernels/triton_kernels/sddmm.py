@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lori_kernels.triton_kernels.tuning import configs, dot_precision, processor_count, tile
+from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, processor_count, tile
 
 
-@triton.autotune(
+@autotune(
     configs=configs(
         [dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8)]], interpreter=dict(BLOCK_M=16)
     ),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from lori_kernels import rng
 from lori_kernels.triton_kernels.philox import a_tile, dropout_keep_tile, split_seed
-from lori_kernels.triton_kernels.tuning import configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, tile
 
 
 def _configs():
@@ -28,7 +28,7 @@ def _configs():
     )
 
 
-@triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
+@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_kernel(
     x_ptr,
@@ -79,7 +79,45 @@ def _shrink_kernel(
     )
 
 
-@triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
+@triton.jit
+def shrink_backward_tile(
+    g_ptr,
+    M,
+    K,
+    R,
+    row0,
+    col0,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    keep_scale,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 tile ``((g @ A) * D)[row0:row0+BLOCK_M, col0:col0+BLOCK_K]`` of ``[M, K]``,
+    ``g`` contiguous ``[M, R]`` (unmasked: callers mask rows >= M and columns >= K)."""
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rk = col0 + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    g = tl.load(g_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    a = a_tile(key0, key1, K, 0, col0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
+    a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(g.dtype)
+    out = tl.dot(g, a, input_precision=PRECISION)
+    if DROPOUT:
+        keep = dropout_keep_tile(dkey0, dkey1, K, row0, col0, BLOCK_M, BLOCK_K, p, ALIGNED)
+        out = tl.where(keep, out * keep_scale, 0.0)
+    return out
+
+
+@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_backward_kernel(
     g_ptr,
@@ -104,25 +142,40 @@ def _shrink_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, R_PAD)
-    g = tl.load(g_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    a = a_tile(key0, key1, K, 0, pid_k * BLOCK_K, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
-    a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(g.dtype)
-    out = tl.dot(g, a, input_precision=PRECISION)
-    if DROPOUT:
-        keep = dropout_keep_tile(dkey0, dkey1, K, pid_m * BLOCK_M, pid_k * BLOCK_K, BLOCK_M, BLOCK_K, p, ALIGNED)
-        out = tl.where(keep, out * keep_scale, 0.0)
+    row0 = tl.program_id(0) * BLOCK_M
+    col0 = tl.program_id(1) * BLOCK_K
+    out = shrink_backward_tile(
+        g_ptr,
+        M,
+        K,
+        R,
+        row0,
+        col0,
+        key0,
+        key1,
+        bound,
+        dkey0,
+        dkey1,
+        p,
+        keep_scale,
+        R_PAD,
+        RADEMACHER,
+        DROPOUT,
+        ALIGNED,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_K,
+    )
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rk = col0 + tl.arange(0, BLOCK_K)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     ptrs = dx_ptr + rm[:, None] * stride_dm + rk[None, :] * stride_dk
     dx = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, (dx.to(tl.float32) + out).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dict:
+def rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dict:
+    """The RNG arguments of a kernel regenerating A ``[*, d_in]`` and D ``[M, d_in]``."""
     key0, key1 = split_seed(seed)
     dkey0, dkey1 = split_seed(dropout_seed)
     return dict(
@@ -155,7 +208,7 @@ def shrink(
         r,
         x.stride(0),
         x.stride(1),
-        **_rng_args(seed, k, dist, dropout_p, dropout_seed),
+        **rng_args(seed, k, dist, dropout_p, dropout_seed),
         R_PAD=tile(r),
         PRECISION=dot_precision(x.dtype),
     )
@@ -178,7 +231,7 @@ def shrink_backward_(
         r,
         dx.stride(0),
         dx.stride(1),
-        **_rng_args(seed, k, dist, dropout_p, dropout_seed),
+        **rng_args(seed, k, dist, dropout_p, dropout_seed),
         R_PAD=tile(r),
         PRECISION=dot_precision(g.dtype),
     )

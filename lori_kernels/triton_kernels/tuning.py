@@ -15,13 +15,28 @@ def interpreting() -> bool:
 
 
 def configs(options: list[dict], interpreter: dict) -> list[triton.Config]:
-    """Autotuning candidates (meta-parameters plus ``num_warps``). The interpreter gets the
-    one small ``interpreter`` config: it cannot benchmark and runs programs in Python."""
+    """Autotuning candidates (meta-parameters plus ``num_warps`` and optionally
+    ``num_stages``, default 3). The interpreter gets the one small ``interpreter`` config:
+    it cannot benchmark and runs programs in Python."""
     chosen = [dict(interpreter, num_warps=1)] if interpreting() else options
+    launch = ("num_warps", "num_stages")
     return [
-        triton.Config({k: v for k, v in o.items() if k != "num_warps"}, num_warps=o["num_warps"], num_stages=3)
+        triton.Config(
+            {k: v for k, v in o.items() if k not in launch}, num_warps=o["num_warps"], num_stages=o.get("num_stages", 3)
+        )
         for o in chosen
     ]
+
+
+def _no_benchmark(*args, **kwargs):
+    raise RuntimeError("the Triton interpreter has one config per kernel: nothing to benchmark")
+
+
+def autotune(configs: list[triton.Config], key: list[str]):
+    """``triton.autotune`` over ``configs`` keyed on ``key``. Under the interpreter (one
+    config, never timed) it sets up no benchmarker, which triton 3.3 would ask a GPU driver
+    for."""
+    return triton.autotune(configs=configs, key=key, do_bench=_no_benchmark if interpreting() else None)
 
 
 def tile(n: int) -> int:
