@@ -12,6 +12,7 @@ import csv
 import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lori_kernels import block_sparse
-from lori_kernels.backends import BACKENDS, unavailable_reason
+from lori_kernels.backends import BACKENDS, TRITON_BACKENDS, unavailable_reason
 
 log = logging.getLogger(__name__)
 _announced: set[tuple] = set()
@@ -59,7 +60,10 @@ def environment(device: torch.device | None = None) -> dict:
 
 def _git_commit() -> str:
     """The checkout's commit, with ``-dirty`` when tracked files other than results files
-    have changed since (a run rewrites the committed results as it goes)."""
+    have changed since (a run rewrites the committed results as it goes); ``LORI_BENCH_COMMIT``
+    when set (a copy of the tree without ``.git``, as on a lent GPU machine)."""
+    if os.environ.get("LORI_BENCH_COMMIT"):
+        return os.environ["LORI_BENCH_COMMIT"]
 
     def git(*args):
         return subprocess.run(
@@ -146,11 +150,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def interpreted(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` would run on ``device`` in Triton's CPU interpreter (never timed)."""
+    return backend in TRITON_BACKENDS and device.type == "cpu"
+
+
 def lori_backends(device: torch.device, dtype: torch.dtype | None, wanted: list[str] | None = None) -> list[str]:
     """The ``lori_linear`` backends to run on ``device``, fastest first: ``wanted`` (all by
     default) that can run there. Triton on the CPU (its interpreter, for tests) is left out
     unless asked for by name."""
-    names = wanted if wanted is not None else [b for b in BACKENDS if (b, device.type) != ("triton", "cpu")]
+    names = wanted if wanted is not None else [b for b in BACKENDS if not interpreted(b, device)]
     unknown = sorted(set(names) - set(BACKENDS))
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {list(BACKENDS)}")

@@ -7,13 +7,15 @@ A = LoRI's A from the layer seed, B block-sparse) on the same weights:
   peft_lora      PEFT's LoRA layer, A and B trained (plain LoRA)
   lori_original  the original LoRI code's way: PEFT's LoRA layer with A frozen and a dense
                  B whose gradient is multiplied by the mask (a hook, as its masked optimizer)
-  <backend>      ``lori_linear`` on each backend (``reference``, ``cpu_ext``; ``triton`` and
-                 ``cuda_ext`` on a GPU; Triton is never timed on the CPU, where it only runs
-                 in its interpreter)
+  <backend>      ``lori_linear`` on each backend (``reference``, ``cpu_ext``; ``triton``,
+                 ``triton_epilogue`` and ``cuda_ext`` on a GPU; Triton is never timed on the
+                 CPU, where it only runs in its interpreter)
 
 Passes: ``fwd`` (a training forward: the graph is recorded), ``bwd`` (backward alone, over a
 retained graph) and ``fwd+bwd``. Part ``lora_path`` times the adapter alone (fwd+bwd): an
 unfused torch ``B(A(x))·s`` and each backend's five kernels, as ratios to the reference's.
+``triton_epilogue`` runs the ``triton`` backend's five kernels, so it has no ``lora_path``
+(or ``merge``) rows of its own: what it changes is the layer around them (the base GEMMs).
 Table ``generate_a``: regenerating A, the torch reference against the compiled kernels
 (bit-identical outputs checked first). Table ``merge``: materializing ``ΔW = s·B·A`` in float32
 to fold an adapter into its base weight (``lori.merge.delta_weight``: A regenerated, the
@@ -49,6 +51,7 @@ from .common import (
     default_block,
     dtype_name,
     environment,
+    interpreted,
     lori_backends,
     median_ms_each,
     random_block_mask,
@@ -61,6 +64,7 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 GENERATE_A_SHAPES = [(16, 4096), (32, 4096), (64, 4096), (32, 14336), (64, 14336)]  # (r, d_in)
 GENERATE_A_SEED = 2**63 + 12345
 QUICK_MERGE_SHAPES = [(256, 384)]  # (in, out)
+SAME_KERNELS_AS_TRITON = ("triton_epilogue",)  # timed as a layer only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +316,8 @@ def unfused_lora_path(case: dict):
 
 def lora_paths(case: dict, backends: list[str]) -> dict:
     """The adapter alone, forward + backward: unfused, and each backend's five kernels."""
-    return {"unfused": unfused_lora_path(case)} | {b: kernel_lora_path(case, b) for b in backends}
+    paths = {"unfused": unfused_lora_path(case)}
+    return paths | {b: kernel_lora_path(case, b) for b in backends if b not in SAME_KERNELS_AS_TRITON}
 
 
 def kernel_lora_path(case: dict, backend: str):
@@ -371,9 +376,7 @@ def generate_a_rows(device: torch.device, backends: list[str], env: dict, quick:
     compiled = [
         b
         for b in backends
-        if b != "reference"
-        and unavailable_reason(b, "generate_a", device.type) is None
-        and (b, device.type) != ("triton", "cpu")
+        if b != "reference" and unavailable_reason(b, "generate_a", device.type) is None and not interpreted(b, device)
     ]
     if not compiled:
         log.info("generate_a: no compiled backend among those chosen runs on %s; table left out", device.type)
@@ -454,5 +457,7 @@ def run(device: torch.device, *, quick: bool = False, full: bool = False, backen
     return {
         "kernels": rows,
         "generate_a": generate_a_rows(device, ours, env, quick),
-        "merge": merge_rows(device, [b for b in ours if (b, device.type) != ("triton", "cpu")], env, quick),
+        "merge": merge_rows(
+            device, [b for b in ours if not interpreted(b, device) and b not in SAME_KERNELS_AS_TRITON], env, quick
+        ),
     }

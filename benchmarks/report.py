@@ -16,7 +16,7 @@ from pathlib import Path
 from .common import RESULTS, read_csv
 
 DEVICES = ("cuda", "cpu")
-OURS_FIRST = ("triton", "cuda_ext", "cpu_ext", "reference")
+OURS_FIRST = ("triton", "triton_epilogue", "cuda_ext", "cpu_ext", "reference")
 BASELINES = ("peft_lora", "lori_original")
 
 

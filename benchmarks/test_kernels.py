@@ -10,7 +10,7 @@ import torch
 
 import lori_kernels
 from benchmarks import kernels
-from benchmarks.common import lori_backends, synced
+from benchmarks.common import interpreted, lori_backends, synced
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = kernels.centre(DEVICE.type, quick=DEVICE.type == "cpu")
@@ -39,7 +39,7 @@ def test_layer(benchmark, layer, impl, pass_):
 
 @pytest.mark.parametrize("backend", lori_kernels.available_backends("generate_a"))
 def test_generate_a(benchmark, backend):
-    if (backend, DEVICE.type) == ("triton", "cpu"):
+    if interpreted(backend, DEVICE):
         pytest.skip("Triton runs on the CPU only in its (slow) interpreter")
     r, d_in = kernels.GENERATE_A_SHAPES[1]
     want = lori_kernels.generate_a(kernels.GENERATE_A_SEED, r, d_in, device=DEVICE, backend="reference")

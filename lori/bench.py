@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         default=None,
         help="lori_linear backends to time, comma-separated (default: every one that runs on the device; "
-        "triton is timed on the CPU only when named, as it runs there in its interpreter)",
+        "the Triton backends are timed on the CPU only when named, as they run there in its interpreter)",
     )
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run (default: cuda if present)"

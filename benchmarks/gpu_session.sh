@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# What a session lent a GPU (the workplace's `device` tool) runs, in steps that each fit one
+# 10-minute call, on the GPU machine's own preinstalled torch and triton (it has no internet:
+# nothing is installed there; the package runs from the copied tree via PYTHONPATH).
+#
+#   bash benchmarks/gpu_session.sh test      # versions; builds lori_kernels._C if nvcc is there;
+#                                            # the GPU tests, then the Triton/kernel test files
+#   bash benchmarks/gpu_session.sh kernels   # lori bench --suite kernels on cuda
+#   bash benchmarks/gpu_session.sh memory    # lori bench --suite memory, then storage
+#
+# Logs and results go to $OUT (the folder the device tool brings back; default
+# benchmarks/results/gpu_session). Copy the results files into benchmarks/results/, commit
+# them, re-render the README tables (lori bench --report-only). Set LORI_BENCH_COMMIT to the
+# commit being measured: the copied tree has no .git.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results/gpu_session}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python}
+nvcc_bin=${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
+
+case "${1:-}" in
+test)
+    {
+        nvidia-smi
+        $py -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+        command -v nvcc || ls "$nvcc_bin" || echo "no nvcc: the cuda_ext backend is not built"
+    } >"$out/environment.txt" 2>&1
+    cat "$out/environment.txt"
+    if command -v nvcc >/dev/null || [ -x "$nvcc_bin" ]; then
+        MAX_JOBS=${MAX_JOBS:-16} $py setup.py build_ext --inplace >"$out/build.log" 2>&1 \
+            && echo "built lori_kernels._C" || echo "extension build failed: see build.log"
+    fi
+    $py -m pytest -q -m gpu tests/ 2>&1 | tee "$out/pytest_gpu.log" | tail -20
+    $py -m pytest -q tests/test_triton.py tests/test_fused_layer.py tests/test_ext_ops.py tests/test_rng.py \
+        2>&1 | tee "$out/pytest_kernels.log" | tail -20
+    ;;
+kernels)
+    $py -m lori.bench --device cuda --suite kernels --results "$out" 2>&1 | tee "$out/bench_kernels.log" | tail -60
+    ;;
+memory)
+    for suite in memory storage; do
+        $py -m lori.bench --device cuda --suite "$suite" --results "$out" 2>&1 | tee "$out/bench_$suite.log" | tail -30
+    done
+    ;;
+*)
+    echo "usage: $0 test|kernels|memory" >&2
+    exit 2
+    ;;
+esac
