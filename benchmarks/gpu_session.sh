@@ -13,6 +13,13 @@
 # them, re-render the README tables (lori bench --report-only). Set LORI_BENCH_COMMIT to the
 # commit being measured: the copied tree has no .git.
 set -uo pipefail
+case "${1:-}" in
+test | kernels | memory) ;;
+*)
+    echo "usage: $0 test|kernels|memory" >&2
+    exit 2
+    ;;
+esac
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu_session}
 mkdir -p "$out"
@@ -32,9 +39,12 @@ test)
         MAX_JOBS=${MAX_JOBS:-16} $py setup.py build_ext --inplace >"$out/build.log" 2>&1 \
             && echo "built lori_kernels._C" || echo "extension build failed: see build.log"
     fi
+    # The large-shape GPU tests with autotuning (its trial runs must not add into in-place
+    # outputs twice); the many small shapes of the kernel test files on one config each,
+    # else compiling every config for every shape would not fit the call.
     $py -m pytest -q -m gpu tests/ 2>&1 | tee "$out/pytest_gpu.log" | tail -20
-    $py -m pytest -q tests/test_triton.py tests/test_fused_layer.py tests/test_ext_ops.py tests/test_rng.py \
-        2>&1 | tee "$out/pytest_kernels.log" | tail -20
+    LORI_TRITON_AUTOTUNE=0 $py -m pytest -q -m "not gpu" tests/test_triton.py tests/test_fused_layer.py \
+        tests/test_ext_ops.py tests/test_rng.py 2>&1 | tee "$out/pytest_kernels.log" | tail -20
     ;;
 kernels)
     $py -m lori.bench --device cuda --suite kernels --results "$out" 2>&1 | tee "$out/bench_kernels.log" | tail -60
@@ -43,9 +53,5 @@ memory)
     for suite in memory storage; do
         $py -m lori.bench --device cuda --suite "$suite" --results "$out" 2>&1 | tee "$out/bench_$suite.log" | tail -30
     done
-    ;;
-*)
-    echo "usage: $0 test|kernels|memory" >&2
-    exit 2
     ;;
 esac

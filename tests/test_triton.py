@@ -16,7 +16,9 @@ from lori_kernels import backends, rng
 
 pytest.importorskip("triton")
 
-from lori_kernels.triton_kernels import gemm, philox  # noqa: E402
+import triton  # noqa: E402
+
+from lori_kernels.triton_kernels import expand, gemm, philox, shrink  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -93,6 +95,23 @@ def test_linear_shrink_backward(in_features, dropout_p):
     keep = rng.dropout_keep(dropout_seed, dropout_p, 37, in_features).to(DEVICE)
     want = dy @ weight + (g @ a) * keep / (1 - dropout_p)
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_kernels_survive_autotuning(monkeypatch):
+    """Autotuning runs a kernel once per config it tries; expand_ and shrink_backward_ add
+    into their output, which is restored in between, so a new shape's first call adds once."""
+    for kernel in (expand._expand_kernel, shrink._shrink_backward_kernel):
+        first = kernel.configs[0]
+        other = triton.Config(dict(first.kwargs, BLOCK_M=32), num_warps=first.num_warps)
+        monkeypatch.setattr(kernel, "configs", [first, other])
+        monkeypatch.setattr(kernel, "cache", {})
+    layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=DEVICE)
+    h, y = torch.randn(37, 8, device=DEVICE), torch.randn(37, 70, device=DEVICE)
+    want = y + 0.5 * h @ layer["b_dense"].T
+    torch.testing.assert_close(expand.expand_(y, h, layer["b_values"], layer["b_blocks"], 0.5), want)
+    g, dx = torch.randn(37, 8, device=DEVICE), torch.randn(37, 40, device=DEVICE)
+    want = dx + g @ rng.generate_a_tile(7, 40, 0, 8, 0, 40).to(DEVICE)
+    torch.testing.assert_close(shrink.shrink_backward_(dx, g, 7), want)
 
 
 @pytest.mark.parametrize("namespace", ["lori_triton", "lori_triton_epilogue"])

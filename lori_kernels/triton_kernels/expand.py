@@ -92,7 +92,7 @@ def _configs():
     )
 
 
-@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"], restore_value=["y_ptr"])
 @triton.jit
 def _expand_kernel(
     h_ptr,

@@ -117,7 +117,7 @@ def shrink_backward_tile(
     return out
 
 
-@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
+@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"], restore_value=["dx_ptr"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_backward_kernel(
     g_ptr,

@@ -17,8 +17,12 @@ def interpreting() -> bool:
 def configs(options: list[dict], interpreter: dict) -> list[triton.Config]:
     """Autotuning candidates (meta-parameters plus ``num_warps`` and optionally
     ``num_stages``, default 3). The interpreter gets the one small ``interpreter`` config:
-    it cannot benchmark and runs programs in Python."""
-    chosen = [dict(interpreter, num_warps=1)] if interpreting() else options
+    it cannot benchmark and runs programs in Python. ``LORI_TRITON_AUTOTUNE=0`` keeps only
+    the first option (no tuning: each new shape compiles once, for tests on a GPU)."""
+    if interpreting():
+        chosen = [dict(interpreter, num_warps=1)]
+    else:
+        chosen = options[:1] if os.environ.get("LORI_TRITON_AUTOTUNE", "1") == "0" else options
     launch = ("num_warps", "num_stages")
     return [
         triton.Config(
@@ -28,15 +32,20 @@ def configs(options: list[dict], interpreter: dict) -> list[triton.Config]:
     ]
 
 
-def _no_benchmark(*args, **kwargs):
-    raise RuntimeError("the Triton interpreter has one config per kernel: nothing to benchmark")
+def _run_once(kernel_call, quantiles):
+    """The interpreter's benchmarker: runs the kernel once, as timing it would, and times
+    nothing (triton 3.3's default would ask a GPU driver for one)."""
+    kernel_call()
+    return [1.0] * len(quantiles)
 
 
-def autotune(configs: list[triton.Config], key: list[str]):
-    """``triton.autotune`` over ``configs`` keyed on ``key``. Under the interpreter (one
-    config, never timed) it sets up no benchmarker, which triton 3.3 would ask a GPU driver
-    for."""
-    return triton.autotune(configs=configs, key=key, do_bench=_no_benchmark if interpreting() else None)
+def autotune(configs: list[triton.Config], key: list[str], restore_value: list[str] | None = None):
+    """``triton.autotune`` over ``configs`` keyed on ``key``. ``restore_value``: the
+    arguments a kernel adds into in place, restored after every config tried (else each
+    trial run would add into them again)."""
+    return triton.autotune(
+        configs=configs, key=key, restore_value=restore_value, do_bench=_run_once if interpreting() else None
+    )
 
 
 def tile(n: int) -> int:
