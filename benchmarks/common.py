@@ -113,13 +113,16 @@ def median_ms_each(fns: dict, device: torch.device, quick: bool = False, rounds:
 
 
 def write_csv(name: str, rows: list[dict], results: Path = RESULTS) -> Path:
-    """Write ``rows`` to ``results``/<name>.csv and return the path."""
+    """Write ``rows`` to ``results``/<name>.csv (whole or not at all: a temp file renamed)
+    and return the path."""
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{name}.csv"
-    with path.open("w", newline="") as f:
+    partial = path.with_suffix(".csv.partial")
+    with partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    partial.replace(path)
     return path
 
 

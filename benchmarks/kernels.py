@@ -444,8 +444,17 @@ def merge_rows(device: torch.device, backends: list[str], env: dict, quick: bool
     return rows
 
 
-def run(device: torch.device, *, quick: bool = False, full: bool = False, backends: list[str] | None = None) -> dict:
-    """The kernel suite on ``device``: tables ``kernels``, ``generate_a`` and ``merge``."""
+def run(
+    device: torch.device,
+    *,
+    quick: bool = False,
+    full: bool = False,
+    backends: list[str] | None = None,
+    progress: Callable[[list[dict]], None] | None = None,
+) -> dict:
+    """The kernel suite on ``device``: tables ``kernels``, ``generate_a`` and ``merge``.
+    ``progress`` gets the ``kernels`` rows so far after every case (a long run that is
+    stopped keeps what it measured)."""
     env = environment(device)
     rows = []
     for shape in grid(device.type, quick=quick, full=full):
@@ -453,6 +462,8 @@ def run(device: torch.device, *, quick: bool = False, full: bool = False, backen
         if "reference" not in names:
             names.append("reference")  # the twin every check and lora_path ratio needs
         rows += time_case(shape, device, names, env, quick)
+        if progress is not None:
+            progress(rows)
     ours = lori_backends(device, None, backends)
     return {
         "kernels": rows,

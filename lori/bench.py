@@ -121,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
             settings = {"quick": args.quick, "full": args.full, "backends": args.backends, "device": device.type}
             if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: say how busy it was
                 settings["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-            tables = importlib.import_module(f"benchmarks.{name}").run(
-                device, quick=args.quick, full=args.full, backends=args.backends
-            )
+            options = dict(quick=args.quick, full=args.full, backends=args.backends)
+            if name == "kernels":  # the long suite: its rows are written after every case
+                options["progress"] = lambda rows: common.write_csv(f"kernels_{device.type}", rows, results)
+            tables = importlib.import_module(f"benchmarks.{name}").run(device, **options)
             for table, rows in tables.items():
                 if rows:
                     log.info("wrote %s", common.write_csv(f"{table}_{device.type}", rows, results))

@@ -45,6 +45,21 @@ def test_quick_writes_csv_json_png(quick):
             assert all(row[key] for row in rows(results / f"{table}_cpu.csv") for key in ENVIRONMENT)
         assert (results / f"{suite}_cpu.png").stat().st_size > 0
     assert "| in × out |" in stdout and "| checkpoint |" in stdout
+    assert not list(results.glob("*.partial"))  # CSVs are written to a temp file, then renamed
+
+
+def test_kernels_rows_are_handed_over_after_every_case():
+    """What lets ``lori bench`` write the kernel rows as it goes (an interrupted run keeps them)."""
+    import torch
+
+    from lori.bench import benchmarks_package
+
+    benchmarks_package()
+    from benchmarks import kernels
+
+    calls = []
+    tables = kernels.run(torch.device("cpu"), quick=True, backends=["reference"], progress=calls.append)
+    assert len(calls) == len(kernels.grid("cpu", quick=True)) and calls[-1] == tables["kernels"]
 
 
 def test_quick_kernels(quick):
