@@ -341,7 +341,7 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = _load_model(AutoModelForCausalLM, cfg.model, torch.bfloat16 if bf16 and world.size == 1 else torch.float32)
+    model = _load_model(AutoModelForCausalLM, cfg.model, torch.bfloat16 if bf16 else torch.float32)
     model.to(world.device)
     masks = load_masks(cfg.masks) if cfg.masks else None
     frozen = None
@@ -351,6 +351,7 @@ def _train(cfg: TrainConfig, world: _World) -> dict:
         get_lori_model(model, cfg.lori_config(), masks=masks, backend=cfg.backend)
     if world.main:
         print_trainable_parameters(model)
+        log.info("base weights in %s, adapter in float32", str(next(model.parameters()).dtype).removeprefix("torch."))
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if world.size > 1:

@@ -164,12 +164,20 @@ def test_too_little_data_is_named(world, tmp_path):
         train(config(world, tmp_path / "y", max_length=4))
 
 
-def test_bf16_mixed_precision_single_process(world, tmp_path):
-    """bf16 base weights, float32 b_values (the optimizer's master copy)."""
+def test_bf16_mixed_precision_on_one_and_two_processes(world, tmp_path):
+    """bf16 base weights, float32 b_values (the optimizer's master copy); under FSDP2 the base
+    is loaded in bf16 too (frozen bf16 beside trainable fp32 in one shard group), and two
+    processes follow one process's loss curve to bf16 rounding."""
     result = train(config(world, tmp_path / "bf16", precision="bf16", max_steps=4))
     model = lori.load_lori(toy_base(world), result["adapter"])
     assert all(layer.b_values.dtype == torch.float32 for layer in lori.lori_layers(model).values())
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lori.cli"]
+    extra = ("--precision", "bf16", "--batch-size", "4", "--max-steps", "4", "--log-every", "1")
+    stdout = run_cli([*launcher, *train_args(world, tmp_path / "two", *extra)])
+    assert "base weights in bfloat16, adapter in float32" in stdout
+    two = [float(line.split()[3]) for line in stdout.splitlines() if line.startswith("step ")]
+    assert two == pytest.approx(result["losses"], rel=2e-3)
 
 
 def random_block_masks(model, keep, seed):
