@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 
-from lori_kernels.triton_kernels import expand, gemm, philox, shrink  # noqa: E402
+from lori_kernels.triton_kernels import expand, gemm, philox, sddmm, shrink  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,6 +95,21 @@ def test_linear_shrink_backward(in_features, dropout_p):
     keep = rng.dropout_keep(dropout_seed, dropout_p, 37, in_features).to(DEVICE)
     want = dy @ weight + (g @ a) * keep / (1 - dropout_p)
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
+
+
+def test_autotuning_keys_name_kernel_arguments():
+    """A key that names no argument fails only where there is more than one config to
+    choose from, i.e. on a GPU: check every autotuned kernel here."""
+    tuned = [
+        k
+        for module in (expand, gemm, shrink, sddmm)
+        for k in vars(module).values()
+        if isinstance(k, triton.runtime.Autotuner)
+    ]
+    assert len(tuned) == 7
+    for kernel in tuned:
+        assert set(kernel.keys) <= set(kernel.arg_names), kernel.fn.__name__
+        assert set(kernel.restore_value) <= set(kernel.arg_names), kernel.fn.__name__
 
 
 def test_in_place_kernels_survive_autotuning(monkeypatch):
