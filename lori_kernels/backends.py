@@ -87,7 +87,7 @@ def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype | No
     for candidate in BACKENDS:
         reason = unavailable_reason(candidate, op, device.type, dtype)
         if reason is None and candidate in TRITON_BACKENDS and device.type == "cpu":
-            reason = "the Triton interpreter is for tests; ask for backend='triton' explicitly"
+            reason = f"the Triton interpreter is for tests; ask for backend={candidate!r} explicitly"
         if reason is None:
             break
         if _EXTENSION_DEVICE.get(candidate, device.type) == device.type:
