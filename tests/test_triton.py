@@ -97,6 +97,23 @@ def test_linear_shrink_backward(in_features, dropout_p):
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
 
 
+def test_block_indexes_are_built_once_per_b_blocks_version():
+    """A layer's CSR/CSC index and slot map are built on its first call, reused after, and
+    built again when b_blocks is written in place (its version counter moves)."""
+    b_blocks = torch.tensor([[0, 0], [1, 1]], dtype=torch.int32, device=DEVICE)
+    first = expand.block_index(b_blocks, 3, 2)
+    assert expand.block_index(b_blocks, 3, 2) is first and first.row_ptr.tolist() == [0, 1, 2, 2]
+    assert expand.block_slots(b_blocks, 3, 2) is expand.block_slots(b_blocks, 3, 2)
+    moved = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32, device=DEVICE)
+    b_blocks.copy_(moved)
+    again = expand.block_index(b_blocks, 3, 2)
+    assert again.row_ptr.tolist() == [0, 1, 1, 2] and again.col_ptr.tolist() == [0, 1, 2]
+    assert expand.block_slots(b_blocks, 3, 2).tolist() == [[-1, 0], [-1, -1], [1, -1]]
+    with torch.inference_mode():
+        fresh = moved.clone()
+    assert expand.block_index(fresh, 3, 2).row_ptr.tolist() == [0, 1, 1, 2]
+
+
 def test_autotuning_keys_name_kernel_arguments():
     """A key that names no argument fails only where there is more than one config to
     choose from, i.e. on a GPU: check every autotuned kernel here."""
