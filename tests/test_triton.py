@@ -97,6 +97,17 @@ def test_linear_shrink_backward(in_features, dropout_p):
     torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [40, 600])
+def test_sddmm_split_over_m(m):
+    """db_values at the kept blocks, with M whole (in dy's dtype) and split over programs
+    (fp32 partial sums added up), both scaled."""
+    layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=DEVICE)
+    dy, h = torch.randn(m, 70, device=DEVICE), torch.randn(m, 8, device=DEVICE)
+    got = sddmm.sddmm(dy, h, layer["b_blocks"], 32, 4, 0.5)
+    want = lori_kernels.block_sparse.gather_blocks(0.5 * dy.T @ h, layer["b_blocks"], (32, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_block_indexes_are_built_once_per_b_blocks_version():
     """A layer's CSR/CSC index and slot map are built on its first call, reused after, and
     built again when b_blocks is written in place (its version counter moves)."""

@@ -4,7 +4,7 @@
 
 Each kept block reduces over all M tokens. With few kept blocks (high sparsity) that is
 too little parallelism, so M is split across programs and the fp32 partial sums are
-added by torch (deterministic, no atomics).
+added by torch (deterministic, no atomics); unsplit, the kernel writes db_values itself.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def _sddmm_kernel(
     stride_dm,
     stride_dn,
     ROWS_PER_SPLIT,
+    scaling,
     BO: tl.constexpr,
     BR: tl.constexpr,
     BO_PAD: tl.constexpr,
@@ -64,7 +65,7 @@ def _sddmm_kernel(
         acc = tl.dot(tl.trans(dyb), hb, acc, input_precision=PRECISION)
     tl.store(
         out_ptr + ((split * NNZ + k) * BO + ro[:, None]) * BR + rc[None, :],
-        acc,
+        (scaling * acc).to(out_ptr.dtype.element_ty),
         mask=(ro[:, None] < BO) & (rc[None, :] < BR),
     )
 
@@ -79,7 +80,7 @@ def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br
     # Enough programs to fill the device twice over, each reducing at least 256 rows.
     splits = max(1, min(triton.cdiv(2 * processor_count(dy.device), nnz), triton.cdiv(m, 256)))
     rows_per_split = triton.cdiv(m, splits)
-    partial = torch.empty(splits, nnz, bo, br, dtype=torch.float32, device=dy.device)
+    partial = torch.empty(splits, nnz, bo, br, dtype=torch.float32 if splits > 1 else dy.dtype, device=dy.device)
     _sddmm_kernel[(nnz, splits)](
         dy,
         h,
@@ -92,10 +93,11 @@ def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br
         dy.stride(0),
         dy.stride(1),
         rows_per_split,
+        scaling,
         BO=bo,
         BR=br,
         BO_PAD=tile(bo),
         BR_PAD=tile(br),
         PRECISION=dot_precision(dy.dtype),
     )
-    return (partial.sum(0) * scaling).to(dy.dtype)
+    return partial.sum(0).to(dy.dtype) if splits > 1 else partial[0]
