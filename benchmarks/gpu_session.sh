@@ -8,11 +8,11 @@
 #   bash benchmarks/gpu_session.sh kernels   # lori bench --suite kernels on cuda
 #   bash benchmarks/gpu_session.sh memory    # lori bench --suite memory, then storage
 #
-# The kernels suite writes its CSV after every case, so a call cut off at its time limit
-# still brings back what was measured. Logs and results go to $OUT (the folder the device tool brings back; default
-# benchmarks/results/gpu_session). Copy the results files into benchmarks/results/, commit
-# them, re-render the README tables (lori bench --report-only). Set LORI_BENCH_COMMIT to the
-# commit being measured: the copied tree has no .git.
+# Logs and results go to $OUT (the folder the device tool brings back; default
+# benchmarks/results/gpu_session); the kernels suite writes its CSV after every case, so a
+# call cut off at its time limit still brings back what was measured. Copy the results files
+# into benchmarks/results/, commit them, re-render the README tables (lori bench
+# --report-only). Set LORI_BENCH_COMMIT to the commit measured: the copied tree has no .git.
 set -uo pipefail
 case "${1:-}" in
 test | kernels | memory) ;;

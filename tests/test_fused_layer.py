@@ -1,7 +1,6 @@
 """The fused layer of every fast backend (Triton, Triton with its own GEMMs, the C++ CPU
-ops, the CUDA ops) against
-the reference: forward and both gradients, odd shapes, dropout, sparsity 0 to 1, what is
-saved for backward, torch.compile and activation checkpointing.
+ops, the CUDA ops) against the reference: forward and both gradients, odd shapes, dropout,
+sparsity 0 to 1, what is saved for backward, torch.compile and activation checkpointing.
 
 Tolerances are earned (STYLE.md): a backend's error against float64 math is at most twice
 that of the torch reference in the same precision. Triton runs in its interpreter without
