@@ -125,6 +125,21 @@ def test_block_indexes_are_built_once_per_b_blocks_version():
     assert expand.block_index(fresh, 3, 2).row_ptr.tolist() == [0, 1, 1, 2]
 
 
+def test_autotuning_candidates(monkeypatch):
+    """On a GPU every option is tried (LORI_TRITON_AUTOTUNE=0: the first only); the
+    interpreter gets its one small config."""
+    from lori_kernels.triton_kernels import tuning
+
+    options = [dict(BLOCK_M=64, num_warps=4), dict(BLOCK_M=128, num_warps=8, num_stages=4)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tried = tuning.configs(options, interpreter=dict(BLOCK_M=16))
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in tried] == [({"BLOCK_M": 64}, 4, 3), ({"BLOCK_M": 128}, 8, 4)]
+    monkeypatch.setenv("LORI_TRITON_AUTOTUNE", "0")
+    assert [c.kwargs for c in tuning.configs(options, interpreter=dict(BLOCK_M=16))] == [{"BLOCK_M": 64}]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert [c.kwargs for c in tuning.configs(options, interpreter=dict(BLOCK_M=16))] == [{"BLOCK_M": 16}]
+
+
 def test_autotuning_keys_name_kernel_arguments():
     """A key that names no argument fails only where there is more than one config to
     choose from, i.e. on a GPU: check every autotuned kernel here."""
