@@ -12,6 +12,10 @@ constexpr int kThreads = 256;  // a tile's threads: 32 rows x 8 groups of 4 colu
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The first row (or column) of the tile of thread block `block` (a blockIdx component),
+// in int64: the unsigned 32-bit product blockIdx.x * kTile wraps at 2^32 rows.
+__device__ inline int64_t tile_start(unsigned int block) { return static_cast<int64_t>(block) * kTile; }
+
 // Fills as[jj][kk] = A[j0 + jj, k0 + kk] of A [r, d_in] (0 outside), rounded through the
 // compute dtype as every backend uses A. Thread t generates row t / 8, columns 4 (t % 8)
 // to 4 (t % 8) + 3: one or two Philox calls.

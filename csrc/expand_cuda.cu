@@ -27,7 +27,7 @@ __global__ void expand_kernel(scalar_t* __restrict__ y, const scalar_t* __restri
   const int64_t i = blockIdx.y, start = row_ptr[i], end = row_ptr[i + 1];
   const int64_t rows = out - i * layout.bo < layout.bo ? out - i * layout.bo : layout.bo;
   for (int64_t e = threadIdx.x; e < kTile * rows; e += blockDim.x) {
-    const int64_t m = blockIdx.x * kTile + e / rows, o = e % rows;
+    const int64_t m = tile_start(blockIdx.x) + e / rows, o = e % rows;
     if (m >= M || start == end) {
       continue;
     }
@@ -58,7 +58,7 @@ __global__ void expand_backward_kernel(scalar_t* __restrict__ g, const scalar_t*
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t j = blockIdx.y, start = col_ptr[j], end = col_ptr[j + 1];
   for (int64_t e = threadIdx.x; e < kTile * layout.br; e += blockDim.x) {
-    const int64_t m = blockIdx.x * kTile + e / layout.br, c = e % layout.br;
+    const int64_t m = tile_start(blockIdx.x) + e / layout.br, c = e % layout.br;
     if (m >= M) {
       continue;
     }

@@ -40,7 +40,7 @@ __global__ void shrink_kernel(const scalar_t* __restrict__ x, scalar_t* __restri
   __shared__ acc_t xs[kTile][kTile + 1];
   __shared__ acc_t as[kTile][kTile + 1];
   const int row = threadIdx.x / 8, c0 = (threadIdx.x % 8) * 4;
-  const int64_t m = blockIdx.x * kTile + row, j0 = blockIdx.y * kTile;
+  const int64_t m = tile_start(blockIdx.x) + row, j0 = tile_start(blockIdx.y);
   acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t k0 = 0; k0 < K; k0 += kTile) {
     bool keep[4] = {true, true, true, true};
@@ -76,7 +76,7 @@ __global__ void shrink_backward_kernel(scalar_t* __restrict__ dx, const scalar_t
   __shared__ acc_t gs[kTile][kTile + 1];
   __shared__ acc_t as[kTile][kTile + 1];
   const int row = threadIdx.x / 8, c0 = (threadIdx.x % 8) * 4;
-  const int64_t m = blockIdx.x * kTile + row, k0 = blockIdx.y * kTile;
+  const int64_t m = tile_start(blockIdx.x) + row, k0 = tile_start(blockIdx.y);
   acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t j0 = 0; j0 < r; j0 += kTile) {
     for (int c = 0; c < 4; ++c) {

@@ -5,7 +5,7 @@ sparsity 0 to 1, what is saved for backward, torch.compile and activation checkp
 Tolerances are earned (STYLE.md): a backend's error against float64 math is at most twice
 that of the torch reference in the same precision. Triton runs in its interpreter without
 a GPU, which mishandles bfloat16 (raw bf16 bits in dots, truncating casts): bfloat16 Triton
-runs on a GPU only.
+runs on a GPU only (the interpreter refuses it: test_kernel_safety.py).
 """
 
 import pytest

@@ -5,6 +5,7 @@
 - ``expand.py``: the B side over kept blocks, ``y += s * h @ B.T`` and ``g = s * dy @ B``,
 - ``sddmm.py``: ``db_values = s * dy.T @ h`` for kept blocks only,
 - ``gemm.py``: the frozen-weight GEMMs with the adapter in their epilogues,
+- ``indexing.py``: int64 element offsets, shared by every kernel,
 - ``layer.py``: the ``"triton"`` backend, ``lori_kernels.fused_layer`` over these kernels
   (the GEMMs left to torch),
 - ``epilogue_layer.py``: the ``"triton_epilogue"`` backend, the same with ``gemm.py``.

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, tile
+from lori_kernels.triton_kernels.indexing import tile_offsets
+from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
 
 
 class BlockIndex(NamedTuple):
@@ -100,7 +101,7 @@ def expand_tile(
     rm = row0 + tl.arange(0, BLOCK_M)
     rn = col0 + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, R_PAD)
-    hb = tl.load(h_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    hb = tl.load(h_ptr + tile_offsets(rm, rr, R, 1), mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     slot = tl.load(
         slot_ptr + (rn // BO)[:, None] * N_BLOCK_COLS + (rr // BR)[None, :],
         mask=(rn[:, None] < N) & (rr[None, :] < R),
@@ -153,7 +154,7 @@ def _expand_kernel(
     for t in range(start, end):
         j = tl.load(bb_ptr + 2 * t + 1)
         hb = tl.load(
-            h_ptr + rm[:, None] * R + (j * BR + rc)[None, :], mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0
+            h_ptr + tile_offsets(rm, j * BR + rc, R, 1), mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0
         )
         b = tl.load(
             bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
@@ -164,7 +165,7 @@ def _expand_kernel(
     if end > start:
         cols = i * BO + ro
         mask = (rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :]
-        ptrs = y_ptr + rm[:, None] * stride_ym + cols[None, :] * stride_yn
+        ptrs = y_ptr + tile_offsets(rm, cols, stride_ym, stride_yn)
         y = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -203,7 +204,7 @@ def _expand_backward_kernel(
         k = tl.load(col_order + t)
         cols = tl.load(bb_ptr + 2 * k) * BO + ro
         dyb = tl.load(
-            dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+            dy_ptr + tile_offsets(rm, cols, stride_dm, stride_dn),
             mask=(rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :],
             other=0.0,
         )
@@ -214,7 +215,7 @@ def _expand_backward_kernel(
         )
         acc = tl.dot(dyb, b, acc, input_precision=PRECISION)
     tl.store(
-        g_ptr + rm[:, None] * R + (j * BR + rc)[None, :],
+        g_ptr + tile_offsets(rm, j * BR + rc, R, 1),
         (scaling * acc).to(g_ptr.dtype.element_ty),
         mask=(rm[:, None] < M) & (rc[None, :] < BR),
     )
@@ -224,13 +225,15 @@ def expand_(
     y: torch.Tensor, h: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """``y += scaling * h @ B.T`` in place over B's kept blocks; ``y`` [M, out],
-    contiguous ``h`` [M, r]."""
+    ``h`` [M, r]; ``y`` may have any strides (the small operands are made contiguous)."""
+    check_dtype("expand_", y)
     m, n = y.shape
     bo, br = b_values.shape[1:]
     if m == 0 or b_values.shape[0] == 0:
         return y
     n_rows = -(-n // bo)
     index = block_index(b_blocks, n_rows, h.shape[1] // br)
+    h, b_values, b_blocks = h.contiguous(), b_values.contiguous(), b_blocks.contiguous()
     _expand_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_rows)](
         h,
         b_values,
@@ -255,7 +258,9 @@ def expand_(
 def expand_backward(
     dy: torch.Tensor, b_values: torch.Tensor, b_blocks: torch.Tensor, r: int, scaling: float
 ) -> torch.Tensor:
-    """``g = scaling * dy @ B`` ``[M, r]`` over B's kept blocks, in dy's dtype."""
+    """``g = scaling * dy @ B`` ``[M, r]`` over B's kept blocks, in dy's dtype; ``dy`` may
+    have any strides (B is made contiguous)."""
+    check_dtype("expand_backward", dy)
     m, n = dy.shape
     bo, br = b_values.shape[1:]
     g = torch.empty(m, r, dtype=dy.dtype, device=dy.device)
@@ -263,6 +268,7 @@ def expand_backward(
         return g
     n_cols = r // br
     index = block_index(b_blocks, -(-n // bo), n_cols)
+    b_values, b_blocks = b_values.contiguous(), b_blocks.contiguous()
     _expand_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_cols)](
         dy,
         b_values,

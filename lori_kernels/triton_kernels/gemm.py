@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from lori_kernels.triton_kernels.expand import block_slots, expand_tile
+from lori_kernels.triton_kernels.indexing import tile_offsets
 from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile
-from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
 
 
 def _configs():
@@ -82,28 +83,31 @@ def _matmul_tile(
     """float32 tile ``(a @ b)[row0:row0+BLOCK_M, col0:col0+BLOCK_N]`` of ``a [M, K] @ b [K, N]``.
     Rows and columns past the end wrap around (read in bounds, never stored), so only K is
     masked."""
-    rm = ((row0 + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-    rn = ((col0 + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    rm = (row0 + tl.arange(0, BLOCK_M)) % M
+    rn = (col0 + tl.arange(0, BLOCK_N)) % N
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    a_ptrs = a_ptr + tile_offsets(rm, rk, stride_am, stride_ak)
+    b_ptrs = b_ptr + tile_offsets(rk, rn, stride_bk, stride_bn)
+    # A step along K moves a transposed operand by BLOCK_K times its (M-sized) column stride.
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
         b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
     return acc
 
 
 @triton.jit
 def _store_tile(out_ptr, value, M, N, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stores a float32 tile into contiguous ``out [M, N]`` in out's dtype."""
-    rm = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rm = row0 + tl.arange(0, BLOCK_M)
     rn = col0 + tl.arange(0, BLOCK_N)
     tl.store(
-        out_ptr + rm[:, None] * N + rn[None, :],
+        out_ptr + tile_offsets(rm, rn, N, 1),
         value.to(out_ptr.dtype.element_ty),
         mask=(rm[:, None] < M) & (rn[None, :] < N),
     )
@@ -129,6 +133,7 @@ def _linear_expand_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
+    stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr,
     BO: tl.constexpr,
@@ -160,7 +165,7 @@ def _linear_expand_kernel(
     )
     if HAS_BIAS:
         rn = col0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     acc += scaling * expand_tile(
         h_ptr, bv_ptr, slot_ptr, M, N, R, N_BLOCK_COLS, row0, col0, BO, BR, R_PAD, PRECISION, BLOCK_M, BLOCK_N
     )
@@ -257,7 +262,9 @@ def linear_expand(
     scaling: float,
 ) -> torch.Tensor:
     """``y = x @ W.T + b + scaling * h @ B.T`` ``[M, out]`` in one kernel, for a 2-D ``x``
-    ``[M, in]``, contiguous ``h`` ``[M, r]``, B's kept blocks ``b_values`` at ``b_blocks``."""
+    ``[M, in]``, ``h`` ``[M, r]``, B's kept blocks ``b_values`` at ``b_blocks``. ``x``,
+    ``weight`` and ``bias`` may have any strides (``h`` and ``b_values`` are made contiguous)."""
+    check_dtype("linear_expand", x)
     m, k = x.shape
     n = weight.shape[0]
     r = h.shape[1]
@@ -266,6 +273,7 @@ def linear_expand(
     if m == 0:
         return y
     slots = block_slots(b_blocks, -(-n // bo), r // br)
+    h, b_values = h.contiguous(), b_values.contiguous()
     _linear_expand_kernel[_grid(m, n)](
         x,
         weight,
@@ -284,6 +292,7 @@ def linear_expand(
         x.stride(1),
         weight.stride(0),
         weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
         scaling,
         HAS_BIAS=bias is not None,
         BO=bo,
@@ -304,13 +313,16 @@ def linear_shrink_backward(
     dropout_seed=0,
 ) -> torch.Tensor:
     """``dx = dy @ W + (g @ A) * D`` ``[M, in]`` in one kernel, for a 2-D ``dy`` ``[M, out]``
-    and contiguous ``g`` ``[M, r]``; A and D regenerated from their seeds."""
+    and ``g`` ``[M, r]``; A and D regenerated from their seeds. ``dy`` and ``weight`` may
+    have any strides (``g`` is made contiguous)."""
+    check_dtype("linear_shrink_backward", dy)
     m, k = dy.shape
     n = weight.shape[1]
     r = g.shape[1]
     dx = torch.empty(m, n, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return dx
+    g = g.contiguous()
     _linear_shrink_backward_kernel[_grid(m, n)](
         dy,
         weight,

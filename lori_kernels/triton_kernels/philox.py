@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from lori_kernels import rng
+from lori_kernels.triton_kernels.indexing import tile_offsets
 
 
 @triton.jit
@@ -73,6 +74,16 @@ def words_to_a(w, bound, RADEMACHER: tl.constexpr):
 
 
 @triton.jit
+def row_starts(row0, d_in, col0, ROWS: tl.constexpr):
+    """uint64 flat indices ``[ROWS, 1]`` of elements ``(row0 + i, col0)`` of a ``[*, d_in]``
+    matrix. ``row0 + ROWS`` must fit row0's type: a row past 2^31 needs an int64 ``row0``
+    (an int32 one lets ``rows * d_in`` be a 32 x 32-bit multiply, 26 registers fewer in
+    ``_shrink_kernel``)."""
+    rows = (row0 + tl.arange(0, ROWS)).to(tl.uint64)
+    return (rows * d_in + col0)[:, None]
+
+
+@triton.jit
 def a_tile(
     key0,
     key1,
@@ -87,8 +98,7 @@ def a_tile(
 ):
     """float32 tile ``A[row0:row0+ROWS, col0:col0+COLS]`` of A ``[*, d_in]`` (unmasked:
     callers mask rows >= r and columns >= d_in)."""
-    rows = (row0 + tl.arange(0, ROWS)).to(tl.uint64)
-    row_start = (rows * d_in + col0)[:, None]
+    row_start = row_starts(row0, d_in, col0, ROWS)
     return words_to_a(random_words(key0, key1, 0, row_start, ROWS, COLS, ALIGNED), bound, RADEMACHER)
 
 
@@ -96,8 +106,7 @@ def a_tile(
 def dropout_keep_tile(key0, key1, d_in, row0, col0, ROWS: tl.constexpr, COLS: tl.constexpr, p, ALIGNED: tl.constexpr):
     """Bool keep-mask of the input tile ``x[row0:row0+ROWS, col0:col0+COLS]`` (x viewed as
     ``[M, d_in]``): kept iff ``u >= float32(p)``."""
-    rows = (row0 + tl.arange(0, ROWS)).to(tl.uint64)
-    row_start = (rows * d_in + col0)[:, None]
+    row_start = row_starts(row0, d_in, col0, ROWS)
     return words_to_uniform(random_words(key0, key1, 1, row_start, ROWS, COLS, ALIGNED)) >= p
 
 
@@ -122,15 +131,15 @@ def _rng_tile_kernel(
     """Writes a tile of A (float32) or, with KEEP, of a dropout keep-mask (int8)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    tile_row0 = row0 + pid_r * BLOCK_R
+    tile_row0 = row0.to(tl.int64) + pid_r * BLOCK_R
     tile_col0 = col0 + pid_c * BLOCK_C
     if KEEP:
         value = dropout_keep_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, p, ALIGNED).to(tl.int8)
     else:
         value = a_tile(key0, key1, width, tile_row0, tile_col0, BLOCK_R, BLOCK_C, bound, RADEMACHER, ALIGNED)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    tl.store(out_ptr + r * cols + c, value, mask=(r < rows) & (c < cols))
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(out_ptr + tile_offsets(r, c, cols, 1), value, mask=(r[:, None] < rows) & (c[None, :] < cols))
 
 
 def split_seed(seed) -> tuple[int, int]:

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, processor_count, tile
+from lori_kernels.triton_kernels.indexing import tile_offsets
+from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, processor_count, tile
 
 
 @autotune(
@@ -55,13 +56,11 @@ def _sddmm_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         dyb = tl.load(
-            dy_ptr + rm[:, None] * stride_dm + cols[None, :] * stride_dn,
+            dy_ptr + tile_offsets(rm, cols, stride_dm, stride_dn),
             mask=(rm[:, None] < m_end) & ((ro < BO) & (cols < N))[None, :],
             other=0.0,
         )
-        hb = tl.load(
-            h_ptr + rm[:, None] * R + hcols[None, :], mask=(rm[:, None] < m_end) & (rc[None, :] < BR), other=0.0
-        )
+        hb = tl.load(h_ptr + tile_offsets(rm, hcols, R, 1), mask=(rm[:, None] < m_end) & (rc[None, :] < BR), other=0.0)
         acc = tl.dot(tl.trans(dyb), hb, acc, input_precision=PRECISION)
     tl.store(
         out_ptr + ((split * NNZ + k) * BO + ro[:, None]) * BR + rc[None, :],
@@ -72,11 +71,14 @@ def _sddmm_kernel(
 
 def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br: int, scaling: float) -> torch.Tensor:
     """``db_values`` ``[nnz, bo, br]`` = ``scaling * dy.T @ h`` at the kept blocks, in
-    dy's dtype; zero in the padded rows of a partial last block row."""
+    dy's dtype; zero in the padded rows of a partial last block row. ``dy`` may have any
+    strides (``h`` and ``b_blocks`` are made contiguous)."""
+    check_dtype("sddmm", dy)
     m, n = dy.shape
     nnz = b_blocks.shape[0]
     if nnz == 0 or m == 0:
         return torch.zeros(nnz, bo, br, dtype=dy.dtype, device=dy.device)
+    h, b_blocks = h.contiguous(), b_blocks.contiguous()
     # Enough programs to fill the device twice over, each reducing at least 256 rows.
     splits = max(1, min(triton.cdiv(2 * processor_count(dy.device), nnz), triton.cdiv(m, 256)))
     rows_per_split = triton.cdiv(m, splits)

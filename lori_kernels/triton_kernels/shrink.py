@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from lori_kernels import rng
+from lori_kernels.triton_kernels.indexing import tile_offsets
 from lori_kernels.triton_kernels.philox import a_tile, dropout_keep_tile, split_seed
-from lori_kernels.triton_kernels.tuning import autotune, configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
 
 
 def _configs():
@@ -60,7 +61,7 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            x_ptr + tile_offsets(rm, rk, stride_xm, stride_xk),
             mask=(rm[:, None] < M) & (rk[None, :] < K),
             other=0.0,
         )
@@ -73,7 +74,7 @@ def _shrink_kernel(
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(
-        h_ptr + rm[:, None] * R + rr[None, :],
+        h_ptr + tile_offsets(rm, rr, R, 1),
         acc.to(h_ptr.dtype.element_ty),
         mask=(rm[:, None] < M) & (rr[None, :] < R),
     )
@@ -107,7 +108,7 @@ def shrink_backward_tile(
     rm = row0 + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, R_PAD)
-    g = tl.load(g_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    g = tl.load(g_ptr + tile_offsets(rm, rr, R, 1), mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = a_tile(key0, key1, K, 0, col0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
     a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(g.dtype)
     out = tl.dot(g, a, input_precision=PRECISION)
@@ -169,7 +170,7 @@ def _shrink_backward_kernel(
     rm = row0 + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_K)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
-    ptrs = dx_ptr + rm[:, None] * stride_dm + rk[None, :] * stride_dk
+    ptrs = dx_ptr + tile_offsets(rm, rk, stride_dm, stride_dk)
     dx = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, (dx.to(tl.float32) + out).to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -195,7 +196,9 @@ def rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dict
 def shrink(
     x: torch.Tensor, seed, r: int, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
 ) -> torch.Tensor:
-    """``h = (x * D) @ A.T`` for a 2-D ``x`` ``[M, in]``; ``h`` ``[M, r]`` in x's dtype."""
+    """``h = (x * D) @ A.T`` for a 2-D ``x`` ``[M, in]`` (any strides); ``h`` ``[M, r]`` in
+    x's dtype."""
+    check_dtype("shrink", x)
     m, k = x.shape
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -218,11 +221,13 @@ def shrink(
 def shrink_backward_(
     dx: torch.Tensor, g: torch.Tensor, seed, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
 ) -> torch.Tensor:
-    """``dx += (g @ A) * D`` in place, for ``dx`` ``[M, in]`` and contiguous ``g`` ``[M, r]``."""
+    """``dx += (g @ A) * D`` in place, for ``dx`` ``[M, in]`` (any strides) and ``g`` ``[M, r]``."""
+    check_dtype("shrink_backward_", dx)
     m, k = dx.shape
     r = g.shape[1]
     if m == 0:
         return dx
+    g = g.contiguous()
     _shrink_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
         g,
         dx,

@@ -1,4 +1,4 @@
-"""Launch configurations shared by the Triton kernels."""
+"""Launch configurations shared by the Triton kernels, and the dtype check every launcher runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 
 import torch
 import triton
+
+from lori_kernels import backends
 
 
 def interpreting() -> bool:
@@ -46,6 +48,15 @@ def autotune(configs: list[triton.Config], key: list[str], restore_value: list[s
     return triton.autotune(
         configs=configs, key=key, restore_value=restore_value, do_bench=_run_once if interpreting() else None
     )
+
+
+def check_dtype(op: str, t: torch.Tensor) -> None:
+    """Raises where the Triton kernels cannot take ``t``'s dtype on its device
+    (``backends.triton_dtype_problem``): a kernel called directly refuses as
+    ``lori_linear`` does, rather than compute garbage."""
+    problem = backends.triton_dtype_problem(t.device.type, t.dtype)
+    if problem is not None:
+        raise RuntimeError(f"{op}: {problem}")
 
 
 def tile(n: int) -> int:
