@@ -2,7 +2,7 @@
 character-level tokenizer with a chat template, string tasks (a Caesar shift of a word;
 shift 0 is copying), and a tiny Llama pretrained on copying to serve as a base model.
 Everything is written to local directories and read back through the ordinary loaders
-(``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained``, ``datasets`` json files).
+(``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained``, ``lori.data.load_examples``).
 """
 
 from __future__ import annotations
