@@ -1,8 +1,9 @@
 """LoRI training library on ``lori_kernels.lori_linear``: configuration, ``LoRILinear``
 and its injection into Hugging Face models, masks, training, checkpoints, the CLI."""
 
-from lori.checkpoint import CheckpointError, load_lori, save_lori
+from lori.checkpoint import load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
+from lori.errors import CheckpointError, LoRIError, OutputError, TrainingError
 from lori.layer import LoRILinear
 from lori.masks import extract_masks, load_masks, save_masks
 from lori.merge import merge, merge_adapter, merge_and_unload, unmerge_adapter
@@ -21,7 +22,10 @@ __all__ = [
     "CheckpointError",
     "DEFAULT_TARGET_MODULES",
     "LoRIConfig",
+    "LoRIError",
     "LoRILinear",
+    "OutputError",
+    "TrainingError",
     "disable_adapters",
     "enable_activation_checkpointing",
     "export_peft",

@@ -9,11 +9,15 @@ A checkpoint is a directory:
   two's complement), ``<name>.b_values`` and ``<name>.b_blocks``; a layer without a seed
   (imported from PEFT, or merged from adapters with different seeds: marked
   ``"stored_a": true`` in the config) has its A as ``<name>.a`` (float32 ``[r, in]``) and
-  seed 0.
+  seed 0. Its safetensors metadata holds ``lori_config_sha256``, the digest of the config
+  (all of it but ``adapter_sha256``), so the two files vouch for each other: an edited
+  config is refused like a damaged tensor file.
 
-Saving writes a temporary directory and renames it into place. Loading reads and checks
-everything (format, version, checksum, names, dtypes, shapes, block indices, finite
-values, the base model) before it touches the model, and names what is wrong.
+Saving refuses non-finite values before it writes and replaces only these two files
+(``lori.files.write_directory``: crash-safe, never touching other files). Loading
+completes an interrupted save, then reads and checks everything (format, version,
+checksums, names, dtypes, shapes, block indices, finite values, the base model) before
+it touches the model, and names what is wrong.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from lori.config import LoRIConfig
-from lori.files import atomic_dir, is_writer
+from lori.digests import json_digest, safetensors_metadata
+from lori.errors import CheckpointError
+from lori.files import DirectoryWriter, is_writer, read_json, recover, write_directory
 from lori.model import lori_layers
 from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
@@ -36,12 +42,15 @@ from lori_kernels import block_sparse, rng
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ADAPTER_FILES",
     "CONFIG_FILE",
     "TENSORS_FILE",
     "AdapterSnapshot",
     "CheckpointError",
     "base_fingerprint",
+    "check_binding",
     "base_model_id",
+    "check_base_model",
     "load_lori",
     "read_lori",
     "read_lori_updates",
@@ -52,11 +61,10 @@ FORMAT = "lori-adapter"
 FORMAT_VERSION = 1
 CONFIG_FILE = "lori_config.json"
 TENSORS_FILE = "adapter.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, TENSORS_FILE)
+BINDING_KEY = "lori_config_sha256"  # in the tensor file's metadata: the config's json_digest
 _KINDS = ("seed", "b_values", "b_blocks")
-
-
-class CheckpointError(ValueError):
-    """A LoRI checkpoint that cannot be loaded; the message says why."""
+B_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
@@ -79,18 +87,30 @@ def base_model_id(model: torch.nn.Module) -> str:
 
 class AdapterSnapshot:
     """A model's adapter gathered to CPU (collective under FSDP: every rank takes one),
-    ready to be written into a directory."""
+    ready to be written into a directory. Refuses, before anything is written, values
+    that are not finite in the dtype they would be stored in (a diverged model, or
+    ``dtype=float16`` overflowing) and dtypes the loader does not read."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
         config = getattr(model, "lori_config", None)
         layers = lori_layers(model)
         if config is None or not layers:
             raise ValueError("the model has no LoRI adapters to save")
+        if dtype is not None and dtype not in B_DTYPES:
+            raise ValueError(f"cannot store b_values as {dtype}: choose one of {[str(d) for d in B_DTYPES]}")
         self.tensors, shapes = {}, {}
         for name, layer in layers.items():
             values = layer.full_b_values()
+            values = values.to(dtype or values.dtype).contiguous().cpu()
+            if values.dtype not in B_DTYPES:
+                raise ValueError(f"cannot save {name}.b_values of dtype {values.dtype}: pass dtype=torch.float32")
+            if not torch.isfinite(values).all():
+                raise ValueError(
+                    f"cannot save {name}.b_values: it holds NaN or Inf in {values.dtype} (a diverged model, or "
+                    "values too large for the dtype); nothing was written"
+                )
             self.tensors[f"{name}.seed"] = layer.seed.detach().reshape(1).cpu()
-            self.tensors[f"{name}.b_values"] = values.to(dtype or values.dtype).contiguous().cpu()
+            self.tensors[f"{name}.b_values"] = values
             self.tensors[f"{name}.b_blocks"] = layer.b_blocks.detach().contiguous().cpu()
             shapes[name] = {"shape": [layer.out_features, layer.in_features], "nnz": layer.b_blocks.shape[0]}
             if layer.stored_a is not None:
@@ -105,22 +125,25 @@ class AdapterSnapshot:
             "layers": shapes,
         }
 
-    def write(self, directory: Path) -> None:
-        """Write the two files into an existing directory."""
-        save_file(self.tensors, directory / TENSORS_FILE)
-        digest = hashlib.sha256((directory / TENSORS_FILE).read_bytes()).hexdigest()
-        (directory / CONFIG_FILE).write_text(json.dumps({**self.manifest, "adapter_sha256": digest}, indent=1))
+    def write(self, out: DirectoryWriter) -> str:
+        """Write the two files through ``out``; returns the tensor file's SHA-256."""
+        tensors_file = out.file(TENSORS_FILE)
+        save_file(self.tensors, tensors_file, metadata={BINDING_KEY: json_digest(self.manifest)})
+        digest = hashlib.sha256(tensors_file.read_bytes()).hexdigest()
+        out.file(CONFIG_FILE).write_text(json.dumps({**self.manifest, "adapter_sha256": digest}, indent=1))
+        return digest
 
 
 def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write the model's LoRI adapter to the directory ``path`` (replacing it atomically);
-    ``b_values`` are stored in ``dtype`` (default: as trained). Under FSDP every rank
+    """Write the model's LoRI adapter to the directory ``path``; ``b_values`` are stored
+    in ``dtype`` (default: as trained). Only the adapter's two files are replaced, safely
+    against crashes; a directory holding other files is refused. Under FSDP every rank
     calls it and rank 0 writes. Returns ``path``."""
     snapshot = AdapterSnapshot(model, dtype)
     path = Path(path)
     if is_writer():
-        with atomic_dir(path) as tmp:
-            snapshot.write(tmp)
+        with write_directory(path, ADAPTER_FILES, what="LoRI adapter") as out:
+            snapshot.write(out)
         log.info(
             "saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s",
             len(snapshot.manifest["layers"]),
@@ -129,6 +152,9 @@ def save_lori(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype | 
             path,
         )
     return path
+
+
+_JSON_NAMES = {dict: "object", str: "string"}
 
 
 def _check_manifest(manifest, where: Path) -> LoRIConfig:
@@ -141,9 +167,14 @@ def _check_manifest(manifest, where: Path) -> LoRIConfig:
         )
     if manifest.get("rng") != rng.RNG_VERSION:
         raise CheckpointError(f"{where} needs the generator {manifest.get('rng')!r}; this code has {rng.RNG_VERSION}")
-    for key in ("config", "base_model", "layers", "adapter_sha256"):
-        if key not in manifest:
-            raise CheckpointError(f"{where} has no {key!r} entry")
+    kinds = {"config": dict, "base_model": dict, "layers": dict, "adapter_sha256": str}
+    for key, kind in kinds.items():
+        if not isinstance(manifest.get(key), kind):
+            found = "no" if key not in manifest else f"a {type(manifest[key]).__name__} as its"
+            raise CheckpointError(f"{where} has {found} {key!r} entry (a JSON {_JSON_NAMES[kind]} is needed)")
+    base = manifest["base_model"]
+    if not all(isinstance(base.get(k), str) for k in ("id", "fingerprint")):
+        raise CheckpointError(f"{where}: 'base_model' must hold the strings 'id' and 'fingerprint', got {base!r}")
     try:
         return LoRIConfig.from_dict(manifest["config"])
     except (TypeError, ValueError) as e:
@@ -153,32 +184,28 @@ def _check_manifest(manifest, where: Path) -> LoRIConfig:
 def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """Read and check a checkpoint without a model: its manifest and, per layer, the
     tensors ``seed`` (a Python-int-valued int64), ``b_values``, ``b_blocks`` and, for a
-    layer with a stored A, ``a``."""
+    layer with a stored A, ``a``. A save that a crash interrupted is completed first."""
     path = Path(path)
+    recover(path)
     config_file, tensors_file = path / CONFIG_FILE, path / TENSORS_FILE
-    for f in (config_file, tensors_file):
-        if not f.is_file():
-            raise CheckpointError(f"{path} is not a LoRI checkpoint: {f.name} is missing")
-    try:
-        manifest = json.loads(config_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    manifest = read_json(config_file, "LoRI adapter")
     config = _check_manifest(manifest, config_file)
-    data = tensors_file.read_bytes()
+    data = _read_bytes(tensors_file, "LoRI adapter")
     if hashlib.sha256(data).hexdigest() != manifest["adapter_sha256"]:
         raise CheckpointError(f"{tensors_file} does not match the checksum in {CONFIG_FILE}: truncated or corrupted")
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{tensors_file} is not a readable safetensors file: {e}") from None
+    check_binding(data, {k: v for k, v in manifest.items() if k != "adapter_sha256"}, tensors_file, config_file)
     layers = manifest["layers"]
-    if not isinstance(layers, dict) or not layers:
+    if not layers:
         raise CheckpointError(f"{config_file} lists no layers")
     if not all(isinstance(info, dict) for info in layers.values()):
         raise CheckpointError(f"{config_file}: every layer entry must be an object")
     expected = {f"{name}.{kind}" for name, info in layers.items() for kind in _kinds(info)}
     if set(tensors) != expected:
-        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        extra, missing = sorted(set(tensors) - expected), sorted(set(expected) - set(tensors))
         raise CheckpointError(
             f"{tensors_file} does not hold exactly the layers of {CONFIG_FILE}: "
             f"unexpected {extra[:3]}, missing {missing[:3]}"
@@ -186,9 +213,34 @@ def read_lori(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
     per_layer = {}
     for name, info in layers.items():
         t = {kind: tensors[f"{name}.{kind}"] for kind in _kinds(info)}
-        _check_layer(name, info, t, config)
+        try:
+            _check_layer(name, info, t, config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         per_layer[name] = t
     return manifest, per_layer
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a {what}: {path.name} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def check_binding(data: bytes, manifest: dict, tensors_file: Path, manifest_file: Path) -> None:
+    """Check that a safetensors file (its bytes, checksum already verified) was written
+    with ``manifest``: its metadata's ``lori_config_sha256`` is the manifest's digest.
+    Files written before the binding existed have none and are read with a warning."""
+    bound = safetensors_metadata(data).get(BINDING_KEY)
+    if bound is None:
+        log.warning("%s predates config checksums: %s is not verified", tensors_file, manifest_file.name)
+    elif bound != json_digest(manifest):
+        raise CheckpointError(
+            f"{manifest_file} was changed after it was saved (it does not match {tensors_file.name}'s record of it)"
+        )
 
 
 def _kinds(info: dict) -> tuple[str, ...]:
@@ -196,14 +248,16 @@ def _kinds(info: dict) -> tuple[str, ...]:
 
 
 def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig) -> None:
-    try:
-        out, inp = (int(v) for v in info["shape"])
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"layer {name}: bad shape entry {info!r}") from None
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int and v > 0 for v in shape)):
+        raise CheckpointError(f"layer {name}: bad shape entry {shape!r} (want [out, in], positive ints)")
+    out, inp = shape
     if t["seed"].dtype != torch.int64 or t["seed"].numel() != 1:
         raise CheckpointError(f"{name}.seed must be one int64, got {t['seed'].dtype} {tuple(t['seed'].shape)}")
-    if not t["b_values"].is_floating_point():
-        raise CheckpointError(f"{name}.b_values must be floating point, got {t['b_values'].dtype}")
+    if t["b_values"].dtype not in B_DTYPES:
+        raise CheckpointError(
+            f"{name}.b_values must be float32, bfloat16, float16 or float64, got {t['b_values'].dtype}"
+        )
     if not torch.isfinite(t["b_values"]).all():
         raise CheckpointError(f"{name}.b_values holds NaN or Inf")
     try:
@@ -215,8 +269,6 @@ def _check_layer(name: str, info, t: dict[str, torch.Tensor], config: LoRIConfig
         raise CheckpointError(
             f"layer {name}: {CONFIG_FILE} says {info.get('nnz')} kept blocks, the tensors hold {t['b_blocks'].shape[0]}"
         )
-    if inp <= 0:
-        raise CheckpointError(f"layer {name}: bad shape {[out, inp]}")
     a = t.get("a")
     if a is not None:
         if a.dtype != torch.float32 or tuple(a.shape) != (config.r, inp):
@@ -236,11 +288,8 @@ def load_lori(
     must match. Everything is checked first: on any error the model is untouched."""
     manifest, per_layer = read_lori(path)
     config = LoRIConfig.from_dict(manifest["config"])
-    if check_base and manifest["base_model"].get("fingerprint") != base_fingerprint(model):
-        raise CheckpointError(
-            f"{path} was trained on another base model ({manifest['base_model'].get('id')!r}): parameter names "
-            "or shapes differ (pass check_base=False to load anyway)"
-        )
+    if check_base:
+        check_base_model(manifest, model, path)
     existing = lori_layers(model)
     modules = dict(model.named_modules())
     for name, info in manifest["layers"].items():
@@ -280,9 +329,24 @@ def load_lori(
     return model
 
 
-def read_lori_updates(path: str | Path) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
-    """A checkpoint read and checked (``read_lori``) as its config and per-layer updates."""
+def check_base_model(manifest: dict, model: torch.nn.Module, path: str | Path) -> None:
+    """Refuse an adapter (its checked manifest) trained on a base model other than
+    ``model``: parameter names or shapes differ."""
+    if manifest["base_model"]["fingerprint"] != base_fingerprint(model):
+        raise CheckpointError(
+            f"{path} was trained on another base model ({manifest['base_model']['id']!r}): parameter names "
+            "or shapes differ (pass check_base=False to load anyway)"
+        )
+
+
+def read_lori_updates(
+    path: str | Path, *, base: torch.nn.Module | None = None
+) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
+    """A checkpoint read and checked (``read_lori``) as its config and per-layer updates;
+    with ``base``, it must have been trained on that base model (``check_base_model``)."""
     manifest, per_layer = read_lori(path)
+    if base is not None:
+        check_base_model(manifest, base, path)
     config = LoRIConfig.from_dict(manifest["config"])
     return config, _updates(config, manifest, per_layer)
 
@@ -292,7 +356,7 @@ def _updates(config: LoRIConfig, manifest: dict, per_layer: dict[str, dict[str, 
 
 
 def _update(t: dict[str, torch.Tensor], info: dict, config: LoRIConfig) -> LayerUpdate:
-    out, inp = (int(v) for v in info["shape"])
+    out, inp = info["shape"]
     stored = "a" in t
     return LayerUpdate(
         b=block_sparse.scatter_blocks(t["b_values"].float(), t["b_blocks"], out, config.r),

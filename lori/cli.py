@@ -3,6 +3,9 @@
 
 ``lori train`` runs alone or under a launcher: ``torchrun --nproc_per_node=N -m lori.cli
 train ...`` or ``accelerate launch -m lori.cli train ...``.
+
+A command that fails exits non-zero with one line on stderr that names the file or
+option at fault (``--debug`` or ``LORI_DEBUG=1``: the traceback instead).
 """
 
 from __future__ import annotations
@@ -12,10 +15,22 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import typing
+from pathlib import Path
 
 __all__ = ["main"]
+
+# The files ``save_pretrained`` writes for a model: what ``lori merge --fold`` may replace.
+_MODEL_FILE = re.compile(r"(generation_)?config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -28,6 +43,16 @@ def _pair(text: str) -> tuple[int, int]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n for n in text.split(",") if n)
+
+
+def _optional(kind):
+    """An option type that also takes ``none`` (the field's ``None``)."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
 
 
 # Fields whose option is spelled out: "--r" is ambiguous to torchrun's own parser.
@@ -55,6 +80,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
             kind = _pair
         elif f.name == "target_modules":
             kind = _names
+        if type(None) in args and kind is not None:
+            kind = _optional(kind)
         parser.add_argument(
             flag,
             dest=f.name,
@@ -77,10 +104,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(output: str, inputs: list[str], owned=None, what: str = "") -> None:
+    """Refuse, before anything is loaded, an ``--output`` that is or holds one of the
+    inputs, or that its writer would refuse: a directory for a file (``owned`` None), or
+    a directory holding files that are not ``owned`` by the writer."""
+    from lori.errors import OutputError
+    from lori.files import check_output_dir, check_output_file
+
+    out = Path(output).resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == out or out in path.parents:
+            raise OutputError(f"--output {output} would overwrite the input {given}; choose another output")
+    if owned is None:
+        check_output_file(output)
+    else:
+        check_output_dir(output, owned, what=what)
+
+
 def _extract_masks(args: argparse.Namespace) -> int:
     from lori.checkpoint import load_lori
     from lori.masks import extract_masks, save_masks
 
+    _check_output(args.output, [args.adapter])
     model = load_lori(_base_model(args.model), args.adapter)
     save_masks(extract_masks(model, args.sparsity, block=args.block), args.output)
     logging.getLogger("lori").info("masks -> %s", args.output)
@@ -88,31 +134,37 @@ def _extract_masks(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from lori.checkpoint import save_lori
-    from lori.files import atomic_dir
+    from lori.checkpoint import ADAPTER_FILES, save_lori
+    from lori.files import is_writer, write_directory
     from lori.merge import merge
 
+    owned, what = (_MODEL_FILE.fullmatch, "model") if args.fold else (ADAPTER_FILES, "LoRI adapter")
+    _check_output(args.output, [args.model, *args.adapters], owned, what)
     model = merge(
         _base_model(args.model), args.adapters, weights=args.weights, combination=args.combination, fold=args.fold
     )
-    if args.fold:
-        with atomic_dir(args.output) as tmp:
-            model.save_pretrained(tmp)
-        logging.getLogger("lori").info("merged model -> %s", args.output)
-    else:
+    if not args.fold:
         save_lori(model, args.output)
+    elif is_writer():
+        with write_directory(args.output, owned, what=what) as out:
+            model.save_pretrained(out.staging_dir())
+        logging.getLogger("lori").info("merged model -> %s", args.output)
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from lori.checkpoint import load_lori, save_lori
-    from lori.peft_interop import export_peft
+    from lori.checkpoint import ADAPTER_FILES, load_lori, save_lori
+    from lori.peft_interop import PEFT_FILES, export_peft
 
+    peft = args.format == "peft"
+    _check_output(
+        args.output, [args.adapter], *((PEFT_FILES, "PEFT adapter") if peft else (ADAPTER_FILES, "LoRI adapter"))
+    )
     model = load_lori(_base_model(args.model), args.adapter)
     dtype = getattr(torch, args.dtype)
-    if args.format == "peft":
+    if peft:
         export_peft(model, args.output, dtype=dtype)
     else:
         save_lori(model, args.output, dtype=dtype)
@@ -120,9 +172,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from lori.checkpoint import save_lori
+    from lori.checkpoint import ADAPTER_FILES, save_lori
     from lori.peft_interop import import_peft
 
+    _check_output(args.output, [p for p in (args.adapter, args.masks) if p], ADAPTER_FILES, "LoRI adapter")
     save_lori(import_peft(_base_model(args.model), args.adapter, args.masks, block=args.block), args.output)
     return 0
 
@@ -134,10 +187,11 @@ def _eval(args: argparse.Namespace) -> int:
     from lori.data import load_examples
     from lori.evaluate import evaluate
 
+    examples = load_examples(args.data)
     model = _base_model(args.model)
     if args.adapter:
         load_lori(model, args.adapter)
-    figures = evaluate(model, AutoTokenizer.from_pretrained(args.model), load_examples(args.data))
+    figures = evaluate(model, AutoTokenizer.from_pretrained(args.model), examples)
     print(json.dumps(figures))
     return 0
 
@@ -154,6 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _base_model(path: str):
     from transformers import AutoModelForCausalLM
 
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no model directory at {path} (a local Hugging Face model with config.json)")
     return AutoModelForCausalLM.from_pretrained(path)
 
 
@@ -161,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lori.merge import COMBINATIONS
     from lori.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lori", description="LoRI adapters: training, masks, evaluation")
+    parser = _Parser(prog="lori", description="LoRI adapters: training, masks, evaluation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="on failure, the traceback (also LORI_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a LoRI adapter (LoRI-D; LoRI-S with --masks)")
     _add_dataclass_options(train, TrainConfig)
@@ -239,7 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
-    return args.run(args)
+    if args.debug or os.environ.get("LORI_DEBUG") == "1":
+        return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"lori {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure: one line, the traceback only when asked for
+        print(f"lori {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line; its type too unless it is one of the expected ones."""
+    from lori.errors import LoRIError
+
+    text = " ".join(str(error).split()) or "(no message)"
+    if isinstance(error, (LoRIError, ValueError, FileNotFoundError, TypeError)):
+        return text
+    return f"{type(error).__name__}: {text} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ def stack_adapter(
     block), widened by ``masks`` (module name -> bool ``[out, r]`` of whole blocks): the
     masks' blocks train, starting from the loaded values (zero where the adapter had no
     block); every other block is frozen. Without masks every block trains. Returns the
-    frozen blocks' keeper for the training loop."""
-    config, updates = read_lori_updates(init_adapter)
+    frozen blocks' keeper for the training loop. The adapter must have been trained on
+    ``model``."""
+    config, updates = read_lori_updates(init_adapter, base=model)
     config = dataclasses.replace(config, dropout=dropout)
     if masks is not None and set(masks) != set(updates):
         missing, extra = sorted(set(updates) - set(masks)), sorted(set(masks) - set(updates))

@@ -62,6 +62,7 @@ def _train(workdir: Path, output: Path, processes: int, progress: bool, masks: P
         "8",
         "--log-every",
         "32",
+        "--overwrite-output",  # the demo's own directory: a rerun starts over
         "--progress" if progress else "--no-progress",
     ]
     if masks is not None:

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lori.digests import tensors_digest
+from lori.errors import CheckpointError
 from lori.files import atomic_file
 from lori.model import lori_layers
 from lori_kernels import block_sparse
@@ -54,6 +56,11 @@ def extract_masks(
         scores.append(_block_scores(layer.b_dense().cpu(), block_sparse.check_block(block, layer.r)))
     flat = torch.cat([s.flatten() for s in scores])
     n_keep = round((1.0 - sparsity) * flat.numel())
+    if n_keep == 0:
+        raise ValueError(
+            f"sparsity {sparsity} keeps none of the {flat.numel()} blocks {block}: nothing would train; "
+            f"use a sparsity below {1 - 0.5 / flat.numel():.6g}"
+        )
     kept = torch.zeros(flat.numel(), dtype=torch.bool)
     kept[torch.sort(flat, descending=True, stable=True).indices[:n_keep]] = True
     masks, start = {}, 0
@@ -73,15 +80,18 @@ def extract_masks(
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write masks to a safetensors file (atomically)."""
+    """Write masks to a safetensors file (atomically: an old file is replaced only by a
+    complete new one)."""
     for name, mask in masks.items():
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
             raise ValueError(f"mask {name} must be a 2-D bool tensor")
+    if not _keeps_something(masks):
+        raise ValueError("the masks to save keep no element of B: nothing would train")
     with atomic_file(path) as tmp:
         save_file(
             {k: v.contiguous().cpu() for k, v in masks.items()},
             tmp,
-            metadata={"format": MASKS_FORMAT, "version": MASKS_VERSION},
+            metadata={"format": MASKS_FORMAT, "version": MASKS_VERSION, "sha256": tensors_digest(masks)},
         )
 
 
@@ -99,13 +109,26 @@ def _module_name(key: str) -> str:
     return key
 
 
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _keeps_something(masks: dict[str, torch.Tensor]) -> bool:
+    return any(bool(m.any()) for m in masks.values())
+
+
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     """Masks from ``save_masks``' safetensors file, or from a ``torch.save``d dict of the
-    original LoRI code (read with ``weights_only=True``: no code runs; PEFT-style keys are
-    reduced to module names; nonzero means kept)."""
+    original LoRI code (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``: no code
+    runs; PEFT-style keys are reduced to module names; nonzero means kept). Masks that
+    keep nothing are refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no masks file at {path}")
+    if path.suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        raise CheckpointError(
+            f"{path} is not a masks file: expected .safetensors (lori extract-masks) or a torch file of the "
+            f"original LoRI code ({', '.join(_TORCH_SUFFIXES)})"
+        )
     if path.suffix == ".safetensors":
         try:
             from safetensors import safe_open
@@ -114,26 +137,34 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
                 metadata = f.metadata() or {}
             masks = load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
         if metadata.get("format") != MASKS_FORMAT:
-            raise ValueError(f"{path} is not a LoRI masks file (format {metadata.get('format')!r})")
+            raise CheckpointError(f"{path} is not a LoRI masks file (format {metadata.get('format')!r})")
         if metadata.get("version") != MASKS_VERSION:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} has masks format version {metadata.get('version')!r}; this code reads {MASKS_VERSION}"
             )
+        if "sha256" not in metadata:
+            log.warning("%s predates masks checksums: its content is not verified", path)
+        elif metadata["sha256"] != tensors_digest(masks):
+            raise CheckpointError(f"{path} does not match its checksum: truncated or corrupted")
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for foreign or unsafe files
-            raise ValueError(f"{path} is neither a safetensors masks file nor a weights-only torch file: {e}") from None
+            raise CheckpointError(
+                f"{path} is neither a safetensors masks file nor a weights-only torch file: {e}"
+            ) from None
         if not isinstance(raw, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()
         ):
-            raise ValueError(f"{path} must hold a dict of module name -> mask tensor")
+            raise CheckpointError(f"{path} must hold a dict of module name -> mask tensor")
         masks = {_module_name(k): v != 0 for k, v in raw.items()}
     for name, mask in masks.items():
         if mask.dim() != 2:
-            raise ValueError(f"mask {name} in {path} must be 2-D [out, r], got shape {tuple(mask.shape)}")
+            raise CheckpointError(f"mask {name} in {path} must be 2-D [out, r], got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
-            raise ValueError(f"mask {name} in {path} must be bool, got {mask.dtype}")
+            raise CheckpointError(f"mask {name} in {path} must be bool, got {mask.dtype}")
+    if not _keeps_something(masks):
+        raise CheckpointError(f"the masks in {path} keep no element of B: nothing would train")
     return {k: v.clone() for k, v in masks.items()}

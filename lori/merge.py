@@ -26,6 +26,7 @@ from torch import nn
 
 from lori.checkpoint import CONFIG_FILE, read_lori_updates
 from lori.config import LoRIConfig
+from lori.errors import CheckpointError
 from lori.layer import LoRILinear
 from lori.model import lori_layers, remove_lori
 from lori.peft_interop import PEFT_CONFIG_FILE, read_peft
@@ -52,14 +53,18 @@ WEIGHT_LORI_D, WEIGHT_LORI_S = 0.4, 0.3
 _SLAB_ELEMENTS = 1 << 24  # columns of ΔW materialized at once: <= 64 MiB of float32
 
 
-def read_adapter(path: str | Path) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
-    """A LoRI checkpoint or a PEFT LoRA adapter directory, as config and updates."""
+def read_adapter(path: str | Path, *, base: nn.Module | None = None) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
+    """A LoRI checkpoint or a PEFT adapter directory, as config and updates; with
+    ``base``, a LoRI checkpoint must have been trained on that base model (a PEFT
+    adapter records no fingerprint: its shapes are checked when it is installed)."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        return read_lori_updates(path)
+        return read_lori_updates(path, base=base)
     if (path / PEFT_CONFIG_FILE).is_file():
         return read_peft(path)
-    raise ValueError(f"{path} is neither a LoRI checkpoint ({CONFIG_FILE}) nor a PEFT adapter ({PEFT_CONFIG_FILE})")
+    raise CheckpointError(
+        f"{path} is neither a LoRI checkpoint ({CONFIG_FILE}) nor a PEFT adapter ({PEFT_CONFIG_FILE})"
+    )
 
 
 def default_weights(adapters: Sequence[dict[str, LayerUpdate]]) -> list[float]:
@@ -159,14 +164,16 @@ def merge(
     weights: Sequence[float] | None = None,
     combination: str = "cat",
     fold: bool = False,
+    check_base: bool = True,
     backend: str = "auto",
 ) -> nn.Module:
     """Put the weighted combination (``combine``) of the adapters at ``adapters`` (LoRI
     checkpoints or PEFT adapter directories) into ``model``, a base model without
     adapters; ``weights`` default to the LoRI paper's (``default_weights``). With
-    ``fold`` the result is folded into the base weights and the adapters removed
-    (``merge_and_unload``). Returns the model."""
-    read = [read_adapter(path) for path in adapters]
+    ``check_base`` every LoRI checkpoint must have been trained on ``model`` (as
+    ``load_lori``). With ``fold`` the result is folded into the base weights and the
+    adapters removed (``merge_and_unload``). Returns the model."""
+    read = [read_adapter(path, base=model if check_base else None) for path in adapters]
     if not read:
         raise ValueError("no adapters to merge")
     updates = [u for _, u in read]

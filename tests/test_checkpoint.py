@@ -228,3 +228,88 @@ def test_atomic_writes_get_the_usual_modes(tmp_path):
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "masks.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_non_finite_or_unloadable_save_is_refused_and_keeps_the_good_adapter(tmp_path):
+    """A diverged model saved over a good adapter used to replace it; float16 with B = 1e5
+    and int8 were written though the loader refuses them."""
+    model, path = saved(tmp_path, 0.9)
+    good = read_lori(path)[1]
+    layer = next(iter(lori.lori_layers(model).values()))
+    with torch.no_grad():
+        layer.b_values.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="b_values: it holds NaN or Inf in torch.float32"):
+        save_lori(model, path)
+    with torch.no_grad():
+        layer.b_values.view(-1)[0] = 1e5
+    with pytest.raises(ValueError, match="NaN or Inf in torch.float16"):
+        save_lori(model, path, dtype=torch.float16)
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=f"cannot store b_values as {dtype}"):
+            save_lori(model, path, dtype=dtype)
+    after = read_lori(path)[1]
+    assert all(torch.equal(after[n][k], good[n][k]) for n in good for k in good[n])
+
+
+def test_an_edited_config_is_refused(tmp_path):
+    """r 8 -> 16 in lori_config.json used to load silently with half the scaling."""
+    _, path = saved(tmp_path)
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    manifest["config"]["r"], manifest["config"]["block"] = 16, [16, 16]
+    (path / CONFIG_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="lori_config.json was changed after it was saved"):
+        load_lori(tiny_model(), path)
+
+
+def test_an_adapter_saved_before_config_checksums_still_loads(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    model, path = saved(tmp_path)
+    save_file(load_file(path / TENSORS_FILE), path / TENSORS_FILE)  # no metadata: as written before
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    import hashlib
+
+    manifest["adapter_sha256"] = hashlib.sha256((path / TENSORS_FILE).read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(manifest))
+    torch.testing.assert_close(logits(load_lori(tiny_model(), path)), logits(model))
+    assert "predates config checksums" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(base_model="meta-llama/Llama-3-8B"), "has a str as its 'base_model' entry"),
+        (lambda m: m.update(layers=[]), "has a list as its 'layers' entry"),
+        (lambda m: m["base_model"].update(fingerprint=3), "'base_model' must hold the strings"),
+        (lambda m: m.pop("adapter_sha256"), "has no 'adapter_sha256' entry"),
+    ],
+)
+def test_manifest_entries_of_the_wrong_kind_are_named(tmp_path, edit, message):
+    _, path = saved(tmp_path)
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    edit(manifest)
+    (path / CONFIG_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        read_lori(path)
+
+
+def test_deeply_nested_json_and_fp8_values_are_named(tmp_path):
+    _, path = saved(tmp_path)
+    original = (path / CONFIG_FILE).read_text()
+    (path / CONFIG_FILE).write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match="lori_config.json is not a LoRI adapter's JSON: it is nested too deeply"):
+        read_lori(path)
+    (path / CONFIG_FILE).write_text(original)
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / TENSORS_FILE)
+    first = next(k for k in tensors if k.endswith("b_values"))
+    tensors[first] = tensors[first].to(torch.float8_e4m3fn)
+    save_file(tensors, path / TENSORS_FILE)
+    manifest = json.loads(original)
+    manifest["adapter_sha256"] = hashlib.sha256((path / TENSORS_FILE).read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="must be float32, bfloat16, float16 or float64, got torch.float8"):
+        read_lori(path)

@@ -6,6 +6,7 @@ from test_model import randomize_b, tiny_model
 
 import lori
 from lori import LoRIConfig
+from lori.errors import CheckpointError
 from lori.masks import extract_masks, load_masks, save_masks
 
 
@@ -103,3 +104,30 @@ def test_bad_mask_files_and_arguments(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="neither a safetensors masks file nor a weights-only torch file"):
         load_masks(tmp_path / "evil.pt")
+
+
+def test_masks_that_keep_nothing_are_refused(tmp_path):
+    """--sparsity 0.9999 used to write masks of zero blocks; LoRI-S then failed with
+    "element 0 of tensors does not require grad"."""
+    model = trained_model()
+    with pytest.raises(ValueError, match="keeps none of the .* blocks"):
+        extract_masks(model, 0.9999)
+    empty = {k: torch.zeros_like(v) for k, v in extract_masks(model, 0.5).items()}
+    with pytest.raises(ValueError, match="keep no element of B"):
+        save_masks(empty, tmp_path / "empty.safetensors")
+    torch.save({k: v.float() for k, v in empty.items()}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'empty.pt'} keep no element of B"):
+        load_masks(tmp_path / "empty.pt")
+
+
+def test_a_masks_file_of_another_kind_or_damaged_is_named(tmp_path):
+    (tmp_path / "masks.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="masks.json is not a masks file: expected .safetensors"):
+        load_masks(tmp_path / "masks.json")
+    path = tmp_path / "masks.safetensors"
+    save_masks(extract_masks(trained_model(), 0.5), path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one mask element flipped: still a valid file
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        load_masks(path)

@@ -175,3 +175,17 @@ def test_merge_with_fold_and_bad_requests(tmp_path):
         lori.merge(tiny_model(), [tmp_path])
     with pytest.raises(ValueError, match="already has LoRI adapters"):
         lori.merge(adapter, paths)
+
+
+def test_merge_checks_the_base_model_like_load_lori(tmp_path):
+    """An adapter of a 2-layer model used to merge into a 3-layer base (same layer shapes)."""
+    from test_model import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    paths = saved_adapters(tmp_path, [3])
+    deeper = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3}))
+    with pytest.raises(lori.CheckpointError, match="was trained on another base model"):
+        lori.merge(deeper, paths)
+    assert not lori.lori_layers(deeper)
+    lori.merge(deeper, paths, check_base=False)  # asked for: the layers exist with the same shapes
+    assert len(lori.lori_layers(deeper)) == 14

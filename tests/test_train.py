@@ -247,3 +247,145 @@ def test_cli_merge_export_import(world, tmp_path):
         want = merged(ids).logits
         torch.testing.assert_close(back(ids).logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(folded(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_new_run_refuses_the_directory_of_an_earlier_run(world, tmp_path):
+    """A new run used to rotate out its own checkpoints in favour of an older run's higher
+    step numbers, after which --resume failed."""
+    out = tmp_path / "run"
+    train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=8))
+    with pytest.raises(lori.OutputError, match=r"holds an earlier run \(checkpoints up to step-0000006\)"):
+        train(config(world, out, save_every=2, max_steps=4))
+    again = train(config(world, out, save_every=2, max_steps=5, overwrite_output=True, data_seed=1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    resumed = train(config(world, out, save_every=2, max_steps=5, resume=True, data_seed=1))
+    assert resumed["losses"] == pytest.approx(again["losses"], rel=1e-6)
+    finished = tmp_path / "finished"
+    train(config(world, finished, max_steps=2))
+    with pytest.raises(lori.OutputError, match="a finished run's adapter/"):
+        train(config(world, finished, max_steps=2))
+    with pytest.raises(lori.OutputError, match="no checkpoint to resume from"):
+        train(config(world, finished, max_steps=2, resume=True))
+
+
+def test_a_run_never_deletes_files_it_did_not_write(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, save_every=1, keep_checkpoints=1, max_steps=3))
+    for mine in (out / "notes.txt", out / "checkpoints" / "notes.txt"):
+        mine.write_text("mine")
+    train(config(world, out, save_every=1, keep_checkpoints=1, max_steps=3, overwrite_output=True))
+    assert (out / "notes.txt").is_file() and (out / "checkpoints" / "notes.txt").is_file()
+    for where in ("adapter", "checkpoints/step-0000002"):
+        (out / where / "notes.txt").write_text("mine")
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        with pytest.raises(lori.OutputError, match=f"{where} holds files that are not a .*notes.txt"):
+            train(config(world, out, save_every=1, max_steps=3, overwrite_output=True))
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+        (out / where / "notes.txt").unlink()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(clip_grad=-1.0), "clip_grad must be positive and finite, or None"),
+        (dict(clip_grad=0.0), "clip_grad must be positive and finite"),
+        (dict(lr=float("nan")), "lr must be a positive finite number"),
+        (dict(lr=float("inf")), "lr must be a positive finite number"),
+        (dict(lr=-1e-3), "lr must be a positive finite number"),
+        (dict(warmup_ratio=1.5), r"warmup_ratio must be in \[0, 1\)"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+        (dict(grad_accum=0), "grad_accum must be at least 1"),
+        (dict(epochs=0), "epochs must be at least 1"),
+        (dict(max_length=-5), "max_length must be at least 1"),
+        (dict(save_every=-1), "save_every must be at least 0"),
+        (dict(r=0), "LoRIConfig.r must be a positive int"),
+        (dict(seed=2**64), "seed 18446744073709551616 is outside"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(resume=True, overwrite_output=True), "exclude each other"),
+    ],
+)
+def test_every_option_is_checked_before_anything_loads(world, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        config(world, tmp_path, **changes)
+
+
+def test_missing_inputs_are_named_before_loading(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model directory at"):
+        train(config(world, tmp_path / "o", model=str(tmp_path / "nowhere")))
+    with pytest.raises(FileNotFoundError, match="no masks file at"):
+        train(config(world, tmp_path / "o", masks=str(tmp_path / "m.safetensors")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_stops_before_spoiling_the_adapter(world, tmp_path):
+    """--lr inf used to end with "final loss nan", exit 0 and a saved NaN adapter."""
+    out = tmp_path / "run"
+    with pytest.raises(lori.TrainingError, match=r"step 2: loss .*training diverged.*step-0000001"):
+        train(config(world, out, lr=1e30, save_every=1, max_steps=4, warmup_ratio=0.0, schedule="constant"))
+    assert not (out / "adapter").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    model = lori.load_lori(toy_base(world), out / "checkpoints" / "step-0000001")
+    assert all(torch.isfinite(layer.b_values).all() for layer in lori.lori_layers(model).values())
+
+
+def test_resume_checks_the_process_count_and_the_checkpoint_files(world, tmp_path):
+    from types import SimpleNamespace
+
+    from lori.train import _load_checkpoint
+
+    out = tmp_path / "run"
+    train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5))
+    step4 = out / "checkpoints" / "step-0000004"
+    with pytest.raises(ValueError, match="written by a run of 1 processes; resume it with 1 \\(not 2\\)"):
+        _load_checkpoint(None, None, None, config(world, out), SimpleNamespace(size=2), step4)
+    damages = {
+        "optimizer.safetensors": (lambda d: d[:-7], "optimizer.safetensors does not match the checksum"),
+        "trainer_state.json": (
+            lambda d: d.replace(b'"step": 4', b'"step": 3'),
+            "trainer_state.json was changed after it was saved",
+        ),
+    }
+    for name, (damage, message) in damages.items():
+        original = (step4 / name).read_bytes()
+        (step4 / name).write_bytes(damage(original))
+        with pytest.raises(lori.CheckpointError, match=message):
+            train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5, resume=True))
+        (step4 / name).write_bytes(original)
+    for name in ("lori_config.json", "adapter.safetensors"):  # another checkpoint's adapter
+        shutil.copy(out / "checkpoints" / "step-0000002" / name, step4 / name)
+    with pytest.raises(lori.CheckpointError, match="the adapter files are not the ones trainer_state.json was saved"):
+        train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5, resume=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_during_training_then_resume_gives_the_uninterrupted_curve(world, tmp_path, seed):
+    """`lori train` killed with SIGKILL at a random moment after its first checkpoint
+    (possibly while writing one), then resumed: the same loss curve and adapter as a run
+    never interrupted."""
+    import random
+    import signal
+    import time
+
+    settings = dict(save_every=1, keep_checkpoints=2, max_steps=16, dropout=0.1)
+    full = train(config(world, tmp_path / "full", **settings))
+    out = tmp_path / "killed"
+    args = train_args(world, out, "--save-every", "1", "--keep-checkpoints", "2", "--max-steps", "16", "--dropout",
+                      "0.1", "--log-every", "100")  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-m", "lori.cli", *args], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints").is_dir() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.02)
+        time.sleep(random.Random(seed).uniform(0.0, 0.5))
+        assert child.poll() is None, "the run ended before it could be killed"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    again = train(config(world, out, resume=True, **settings))
+    assert again["losses"] == pytest.approx(full["losses"], rel=1e-6)
+    a = lori.lori_layers(lori.load_lori(toy_base(world), full["adapter"]))
+    b = lori.lori_layers(lori.load_lori(toy_base(world), again["adapter"]))
+    for name, layer in a.items():
+        torch.testing.assert_close(b[name].b_values, layer.b_values)
