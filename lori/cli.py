@@ -105,17 +105,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check_output(output: str, inputs: list[str], owned=None, what: str = "") -> None:
-    """Refuse, before anything is loaded, an ``--output`` that is or holds one of the
-    inputs, or that its writer would refuse: a directory for a file (``owned`` None), or
-    a directory holding files that are not ``owned`` by the writer."""
+    """Refuse, before anything is loaded, an ``--output`` that is, holds or lies inside
+    one of the inputs, or that its writer would refuse: a directory for a file (``owned``
+    None), or a directory holding files that are not ``owned`` by the writer."""
     from lori.errors import OutputError
     from lori.files import check_output_dir, check_output_file
 
     out = Path(output).resolve()
     for given in inputs:
         path = Path(given).resolve()
-        if path == out or out in path.parents:
-            raise OutputError(f"--output {output} would overwrite the input {given}; choose another output")
+        if path == out or out in path.parents or path in out.parents:
+            raise OutputError(f"--output {output} would write over or into the input {given}; choose another output")
     if owned is None:
         check_output_file(output)
     else:

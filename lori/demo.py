@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -21,7 +22,9 @@ from pathlib import Path
 from lori import toy
 from lori.checkpoint import load_lori
 from lori.data import load_examples
+from lori.errors import OutputError
 from lori.evaluate import evaluate
+from lori.files import atomic_file
 from lori.masks import extract_masks, save_masks
 from lori.model import lori_layers
 
@@ -75,11 +78,27 @@ def _adapter_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
+MARKER = "lori-demo.json"  # what tells a directory the demo made from anyone else's
+
+
+def _claim(workdir: Path) -> None:
+    """Make ``workdir`` the demo's, refusing one that holds anything the demo did not
+    write: the demo replaces what it finds under its own names (base/, data/, ...)."""
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise OutputError(
+            f"{workdir} holds files the demo did not write (no {MARKER}); give --workdir a new or empty directory"
+        )
+    with atomic_file(workdir / MARKER) as tmp:
+        tmp.write_text(json.dumps({"written_by": "lori demo"}))
+
+
 def run_demo(workdir: str | Path = "demo_output", *, processes: int = 2, progress: bool = True) -> dict:
-    """Run the demo under ``workdir``; return its figures (also logged step by step)."""
+    """Run the demo under ``workdir`` (new, empty, or an earlier demo's); return its
+    figures (also logged step by step)."""
     from transformers import AutoModelForCausalLM
 
     workdir = Path(workdir)
+    _claim(workdir)
     tokenizer = toy.build_tokenizer(workdir / "tokenizer")
     toy.build_base_model(workdir / "base", tokenizer, progress=progress)
     toy.write_jsonl(toy.caesar_examples(1024, 1, seed=10), workdir / "data" / "train.jsonl")

@@ -58,7 +58,7 @@ def test_every_failure_is_one_line(files, capsys, tmp_path):
     fails(capsys, ["eval", *base, *data], "bad.jsonl line 2 has no 'response' field")
     fails(
         capsys,
-        ["merge", "--model", str(tmp_path), "--adapters", adapter[1], "--output", str(tmp_path / "m")],
+        ["merge", "--model", str(tmp_path / "nowhere"), "--adapters", adapter[1], "--output", str(tmp_path / "m")],
         "no model",
     )
     err = fails(capsys, ["train", *base], "the following arguments are required", status=2)
@@ -67,12 +67,15 @@ def test_every_failure_is_one_line(files, capsys, tmp_path):
 
 @pytest.mark.parametrize("command", ["export", "import", "merge", "extract-masks"])
 def test_an_output_that_holds_the_input_is_refused(files, capsys, command):
-    """``lori export --adapter run/adapter --output run`` used to replace run/ (the input with it)."""
+    """``lori export --adapter run/adapter --output run`` used to replace run/ (the input with
+    it); an output inside the input (``extract-masks --output run/adapter/adapter.safetensors``)
+    would replace one of its files."""
     before = sorted(p.relative_to(files) for p in files.rglob("*"))
     flag = "--adapters" if command == "merge" else "--adapter"
-    for output in (files / "run", files / "run" / "adapter"):
+    outputs = (files / "run", files / "run" / "adapter", files / "run" / "adapter" / "adapter.safetensors")
+    for output in outputs:
         argv = [command, "--model", str(files / "base"), flag, str(files / "run" / "adapter"), "--output", str(output)]
-        fails(capsys, argv, "would overwrite the input")
+        fails(capsys, argv, "would write over or into the input")
     assert sorted(p.relative_to(files) for p in files.rglob("*")) == before
 
 

@@ -4,6 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lori.demo import run_demo
+from lori.errors import OutputError
+
 
 def test_lori_demo_command(tmp_path):
     """The installed `lori` command (what `make demo` runs) reports every step, and LoRI-S
@@ -28,3 +33,12 @@ def test_lori_demo_command(tmp_path):
             "adapter.safetensors",
             "lori_config.json",
         ]
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("my data\n")
+    with pytest.raises(OutputError, match="holds files the demo did not write"):
+        run_demo(tmp_path)
+    assert [p.name for p in tmp_path.rglob("*")] == ["data", "train.jsonl"]
+    assert (tmp_path / "data" / "train.jsonl").read_text() == "my data\n"
