@@ -9,7 +9,7 @@ import lori_kernels
 from lori_kernels import block_sparse, rng
 from lori_kernels.reference import lori_linear_stored_a
 
-__all__ = ["LoRILinear"]
+__all__ = ["LoRILinear", "count_training_forward"]
 
 
 class LoRILinear(nn.Module):
@@ -31,10 +31,18 @@ class LoRILinear(nn.Module):
     adapters with different seeds); it then runs the plain-torch path
     (``lori_kernels.reference.lori_linear_stored_a``) and has no seed.
 
-    Dropout (training only) draws its mask from a seed derived from the layer's seed, the
-    process's rank (data-parallel ranks draw different masks) and a count of the layer's
-    training forwards; a forward recomputed during backward (activation checkpointing)
-    reuses the count, hence the mask.
+    Dropout (training only) draws its mask from ``rng.dropout_seed(layer_seed, step,
+    rank)``: the layer's seed, the process's rank (data-parallel ranks draw different
+    masks) and ``step``, the count of training forwards in ``dropout_calls`` (an int64 CPU
+    tensor, so that ``torch.compile`` compiles once for every step). A layer on its own
+    counts its own forwards; in a model made by ``lori.get_lori_model`` (``inject_layers``)
+    all layers share the model's count, kept by a forward pre-hook on the model itself, so
+    that a forward recomputed during backward by activation checkpointing (which reruns
+    decoder layers, never the model) reuses the count, hence the mask.
+
+    ``load_state_dict`` checks what it would load into the layer (the seed, the kept
+    blocks, shapes and dtypes) before anything of it is copied, and raises a ValueError
+    naming the layer and the fault.
     """
 
     def __init__(
@@ -68,7 +76,8 @@ class LoRILinear(nn.Module):
         if b_blocks is None:
             b_blocks = block_sparse.dense_blocks(self.out_features, r, block)
         b_blocks = b_blocks.to(device=device, dtype=torch.int32).contiguous()
-        block_sparse.check_b_blocks(b_blocks, self.out_features, r, block)
+        if not b_blocks.is_meta:  # on the meta device nothing is read: load_state_dict checks the real ones
+            block_sparse.check_b_blocks(b_blocks, self.out_features, r, block)
         self.register_buffer("seed", torch.tensor(rng.to_int64(seed), dtype=torch.int64, device=device))
         self.register_buffer("b_blocks", b_blocks)
         self.b_values = nn.Parameter(torch.zeros(b_blocks.shape[0], *block, device=device))
@@ -81,21 +90,19 @@ class LoRILinear(nn.Module):
             a = a.detach().to(device=device, dtype=torch.float32).contiguous()
         self.register_buffer("stored_a", a)
         self.layer_seed = rng.to_uint64(seed)  # a host copy: no device sync per forward
-        self.dropout_calls = 0
+        # A plain attribute, not a buffer: .to(device) and FSDP leave it on the CPU.
+        self.dropout_calls = torch.zeros((), dtype=torch.int64, device="cpu")
+        self._own_count = self.register_forward_pre_hook(count_training_forward)
         self.enabled = True
         self.fold = None  # while the adapter is folded into the base weight (lori.merge_adapter)
-        self.register_load_state_dict_post_hook(_refresh_layer_seed)
+        self.register_load_state_dict_pre_hook(_check_state_before_load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.fold is not None or self.b_values.shape[0] == 0:
             return self.base_layer(x)
         weight = self.base_layer.weight
         p = self.dropout if self.training else 0.0
-        dropout_seed = 0
-        if p > 0:
-            if torch._C._current_graph_task_id() == -1:  # not a recompute inside backward
-                self.dropout_calls += 1
-            dropout_seed = rng.splitmix64(self.layer_seed ^ rng.splitmix64(self.dropout_calls + (_rank() << 40)))
+        dropout_seed = rng.dropout_seed_tensor(self.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
         if self.stored_a is not None:
             return lori_linear_stored_a(
                 x.to(weight.dtype),
@@ -124,6 +131,12 @@ class LoRILinear(nn.Module):
             backend=self.backend,
         )
         return y.to(x.dtype)
+
+    def share_dropout_calls(self, calls: torch.Tensor) -> None:
+        """Count training forwards in ``calls``, a model's count that a forward pre-hook on
+        the model keeps (``count_training_forward``), instead of counting this layer's own."""
+        self.dropout_calls = calls
+        self._own_count.remove()
 
     def a(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This layer's A ``[r, in]``: the stored one, or regenerated from its seed."""
@@ -157,6 +170,13 @@ class LoRILinear(nn.Module):
         )
 
 
+def count_training_forward(module: nn.Module, args) -> None:
+    """A forward pre-hook: one more training forward of ``module`` in its
+    ``dropout_calls``."""
+    if module.training:
+        module.dropout_calls.add_(1)
+
+
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -167,6 +187,49 @@ def _n_blocks(layer: LoRILinear) -> int:
     return n_rows * n_cols
 
 
-def _refresh_layer_seed(module: LoRILinear, incompatible_keys) -> None:
-    """After load_state_dict: the host copy of the seed follows the loaded buffer."""
-    module.layer_seed = rng.to_uint64(module.seed)
+_STATE = ("seed", "b_values", "b_blocks", "stored_a")  # what load_state_dict copies into a LoRILinear itself
+
+
+def _check_state_before_load(
+    module: LoRILinear, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
+    """A load_state_dict pre-hook: check this layer's entries of ``state_dict`` (those
+    present: a partial dict loads with ``strict=False``) before any is copied, so that a
+    bad state leaves the layer as it was; then set the host copy of the seed."""
+    incoming = {name: state_dict[prefix + name] for name in _STATE if prefix + name in state_dict}
+    try:
+        _check_state(module, incoming)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot load the LoRI layer {prefix[:-1] or '(the root module)'}: {e}") from None
+    seed = incoming.get("seed")
+    if seed is not None and not seed.is_meta:
+        module.layer_seed = rng.to_uint64(seed)
+
+
+def _check_state(layer: LoRILinear, incoming: dict) -> None:
+    """Check a layer's tensors to be loaded: their shapes and dtypes (only metadata of
+    ``b_values``, which may be a DTensor: nothing is gathered), the seed (one int64) and the
+    kept blocks (in range, sorted, unique: read once per load; not on the meta device)."""
+    for name, value in incoming.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        current = getattr(layer, name)
+        if name != "seed" and current is not None and tuple(value.shape) != tuple(current.shape):
+            raise ValueError(
+                f"{name} has shape {list(value.shape)} but the layer's is {list(current.shape)} "
+                "(its kept blocks, r and in_features are fixed for its life)"
+            )
+    if "seed" in incoming and rng.check_seed_tensor(incoming["seed"]).dim() > 1:
+        raise ValueError(f"seed must have shape [] or [1], got {list(incoming['seed'].shape)}")
+    stored_a = incoming.get("stored_a")
+    if stored_a is not None and not stored_a.is_floating_point():
+        raise TypeError(f"stored_a must be floating point, got {stored_a.dtype}")
+    b_values, b_blocks = incoming.get("b_values", layer.b_values), incoming.get("b_blocks", layer.b_blocks)
+    block_sparse.check_b_layout(_meta(b_values), _meta(b_blocks), layer.block)
+    if "b_blocks" in incoming and not b_blocks.is_meta:
+        block_sparse.check_b_blocks(b_blocks, layer.out_features, layer.r, layer.block)
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``t``'s (global) shape and dtype: for checks of metadata only."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lori.config import LoRIConfig
-from lori.layer import LoRILinear
+from lori.layer import LoRILinear, count_training_forward
 from lori_kernels import block_sparse
 from lori_kernels.rng import layer_seed
 
@@ -110,7 +110,12 @@ def inject_layers(
     ``make_layer(name, linear)``, freeze everything else, record ``config`` as the
     model's; return the model. All layers are built before the first is put in, so an
     error leaves the model as it was. The common end of ``get_lori_model``,
-    ``import_peft`` and ``merge``."""
+    ``import_peft`` and ``merge``.
+
+    The layers share one count of the model's training forwards (``model.dropout_calls``,
+    an int64 CPU tensor that a forward pre-hook on the model increments) from which their
+    dropout masks are drawn: a forward recomputed by activation checkpointing reruns
+    decoder layers, never the model, so it draws the masks of the first pass."""
     check_no_adapter(model)
     trained = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -121,7 +126,10 @@ def inject_layers(
         raise
     model.lori_frozen = trained
     model.requires_grad_(False)
+    model.dropout_calls = torch.zeros((), dtype=torch.int64, device="cpu")
+    model.lori_count_hook = model.register_forward_pre_hook(count_training_forward)
     for name, layer in layers.items():
+        layer.share_dropout_calls(model.dropout_calls)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model.lori_config = config
@@ -143,7 +151,8 @@ def remove_lori(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), child, layer.base_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(model.lori_frozen.get(name, p.requires_grad))
-    del model.lori_config, model.lori_frozen
+    model.lori_count_hook.remove()
+    del model.lori_config, model.lori_frozen, model.lori_count_hook, model.dropout_calls
     return model
 
 
@@ -162,10 +171,11 @@ def disable_adapters(model: nn.Module):
 
 
 def set_dropout_calls(model: nn.Module, calls: int) -> None:
-    """Set every layer's count of dropout forwards (restoring a run: the next forward
-    draws the masks it would have drawn)."""
+    """Set the count of training forwards that the model's layers draw dropout masks from
+    (restoring a run after ``calls`` forwards: the next forward draws the masks it would
+    have drawn)."""
     for layer in lori_layers(model).values():
-        layer.dropout_calls = calls
+        layer.dropout_calls.fill_(calls)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

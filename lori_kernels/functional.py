@@ -92,9 +92,11 @@ def lori_linear(
     ``weight`` [out, in] and ``bias`` are frozen; A [r, in] is regenerated from ``seed``;
     B [out, r] is block-sparse with blocks ``block = (bo, br)``: ``b_values`` [nnz, bo, br]
     at ``b_blocks`` int32 [nnz, 2] (block row, block column), sorted and unique. ``D`` is
-    the dropout mask of ``dropout_seed`` scaled by 1/(1-p). Differentiable in ``x`` and
-    ``b_values``; only ``x @ A.T`` (M x r) is saved for backward. ``x`` may have leading
-    batch dimensions.
+    the dropout mask of ``dropout_seed`` scaled by 1/(1-p); ``dropout_seed`` is an int or a
+    one-element int64 tensor (best on the CPU: it is read on the host), which
+    ``torch.compile`` neither guards on nor reads while tracing. Differentiable in ``x``
+    and ``b_values``, once (no second-order gradients); only ``x @ A.T`` (M x r) is saved
+    for backward. ``x`` may have leading batch dimensions.
     """
     spec = check_lori_linear_args(
         x,

@@ -17,7 +17,12 @@ the in-place kernel after it.
 Only ``h`` [M, r] is saved for backward (besides the frozen weight and B, which are no
 activations); A and the dropout mask D are regenerated from their seeds, so
 ``torch.compile(fullgraph=True)`` traces the layer and activation checkpointing
-recomputes it exactly.
+recomputes it exactly. The dropout seed reaches the ops as a one-element int64 tensor,
+read inside them: a seed that changes every step (``LoRILinear``'s count of forwards)
+costs ``torch.compile`` no guard and no recompilation.
+
+The layer has no second-order gradients: differentiating its backward raises
+``DOUBLE_BACKWARD_ERROR``.
 """
 
 from collections.abc import Callable
@@ -28,7 +33,12 @@ import torch
 from lori_kernels import rng
 from lori_kernels.layer_spec import LayerSpec
 
-__all__ = ["LayerKernels", "register_fused_layer"]
+__all__ = ["DOUBLE_BACKWARD_ERROR", "LayerKernels", "register_fused_layer"]
+
+DOUBLE_BACKWARD_ERROR = (
+    "lori_linear does not support double backward (second-order gradients): its backward is not "
+    "differentiable. Differentiate only once through LoRI layers (no create_graph=True through them)."
+)
 
 
 class LayerKernels(NamedTuple):
@@ -66,9 +76,9 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         scaling: float,
         dist: str,
         dropout_p: float,
-        dropout_seed: int,
+        dropout_seed: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
+        h = kernels.shrink(x, seed, r, dist, dropout_p, int(dropout_seed))
         if kernels.linear_expand is not None:
             return kernels.linear_expand(x, weight, bias, h, b_values, b_blocks, scaling), h
         y = torch.nn.functional.linear(x, weight, bias)
@@ -85,13 +95,14 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         scaling: float,
         dist: str,
         dropout_p: float,
-        dropout_seed: int,
+        dropout_seed: torch.Tensor,
         need_dx: bool,
         need_db: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dx, db_values)``; an output that is not needed comes back empty."""
         dx = db_values = dy.new_empty(0)
         if need_dx:
+            dropout_seed = int(dropout_seed)
             g = kernels.expand_backward(dy, b_values, b_blocks, h.shape[1], scaling)
             if kernels.linear_shrink_backward is not None:
                 dx = kernels.linear_shrink_backward(dy, weight, g, seed, dist, dropout_p, dropout_seed)
@@ -126,6 +137,7 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         return (dx if need_dx else None), None, None, (db_values if need_db else None), *([None] * 7)
 
     forward.register_autograd(lambda ctx, dy, _dh: gradients(ctx, dy, backward), setup_context=save_context)
+    backward.register_autograd(_refuse_double_backward)
 
     class EagerLayer(torch.autograd.Function):
         @staticmethod
@@ -135,12 +147,16 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
         setup_context = staticmethod(save_context)
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, dy, _dh):
-            return gradients(ctx, dy, backward_impl)
+            # Under create_graph=True (grad mode on) the backward op builds the graph of the
+            # gradients, whose own backward refuses with DOUBLE_BACKWARD_ERROR.
+            return gradients(ctx, dy, backward if torch.is_grad_enabled() else backward_impl)
 
     def lori_linear_fused(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
         run = forward if torch.compiler.is_compiling() else EagerLayer.apply
+        dropout_seed = spec.dropout_seed
+        if not isinstance(dropout_seed, torch.Tensor):
+            dropout_seed = torch.tensor(rng.to_int64(dropout_seed), dtype=torch.int64, device="cpu")
         y, _ = run(
             x.reshape(-1, spec.in_features).contiguous(),
             weight,
@@ -152,8 +168,12 @@ def register_fused_layer(namespace: str, kernels: LayerKernels) -> Callable:
             spec.scaling,
             spec.dist,
             spec.dropout_p,
-            rng.to_int64(spec.dropout_seed),
+            dropout_seed,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)
 
     return lori_linear_fused
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)

@@ -2,9 +2,9 @@
 
 ``check_lori_linear_args`` reads only metadata (shapes, dtypes, devices) and the Python
 arguments, so it costs no device synchronisation; it returns the call's non-tensor
-arguments as a ``LayerSpec``. The content of ``b_blocks`` (range, order, uniqueness) is
-checked by ``block_sparse.check_b_blocks`` where the blocks are made or loaded, and by the
-reference backend on every call.
+arguments (and the dropout seed, which may be a tensor) as a ``LayerSpec``. The content
+of ``b_blocks`` (range, order, uniqueness) is checked by ``block_sparse.check_b_blocks``
+where the blocks are made or loaded, and by the reference backend on every eager call.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """The non-tensor arguments of one LoRI layer call."""
+    """The non-tensor arguments of one LoRI layer call, and its dropout seed."""
 
     seed: int  # uint64
     in_features: int
@@ -34,7 +34,7 @@ class LayerSpec:
     scaling: float
     dist: str
     dropout_p: float
-    dropout_seed: int  # uint64
+    dropout_seed: int | torch.Tensor  # uint64, or a one-element int64 tensor (read by the kernels' ops)
 
     @property
     def has_dropout(self) -> bool:
@@ -97,5 +97,13 @@ def check_lori_linear_args(
         scaling=float(scaling),
         dist=dist,
         dropout_p=float(dropout_p),
-        dropout_seed=rng.to_uint64(dropout_seed) if dropout_p > 0 else 0,
+        dropout_seed=_check_dropout_seed(dropout_seed) if dropout_p > 0 else 0,
     )
+
+
+def _check_dropout_seed(dropout_seed) -> int | torch.Tensor:
+    """A dropout seed as a uint64, or a seed tensor checked by its metadata only (its value
+    is read inside the custom ops, so ``torch.compile`` neither guards on it nor breaks)."""
+    if isinstance(dropout_seed, torch.Tensor):
+        return rng.check_seed_tensor(dropout_seed, "dropout_seed")
+    return rng.to_uint64(dropout_seed)

@@ -39,7 +39,7 @@ def _a(seed: int, r: int, d_in: int, dist: str, like: torch.Tensor) -> torch.Ten
     return rng.generate_a_tile(seed, d_in, 0, r, 0, d_in, dist=dist, device=like.device).to(like.dtype)
 
 
-def _dropout_factor(dropout_p: float, dropout_seed: int, like: torch.Tensor) -> torch.Tensor:
+def _dropout_factor(dropout_p: float, dropout_seed: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``D`` ``[M, in]`` (``like``'s shape): kept elements 1/(1-p), dropped 0."""
     keep = rng.dropout_keep(dropout_seed, dropout_p, like.shape[0], like.shape[1], device=like.device)
     return keep.to(like.dtype) * rng.dropout_scale(dropout_p)
@@ -78,8 +78,10 @@ _lori_linear_fused = register_fused_layer("lori_ref", KERNELS)
 
 def lori_linear(x, weight, bias, b_values, b_blocks, spec: LayerSpec) -> torch.Tensor:
     """The reference backend of ``lori_kernels.lori_linear`` on validated arguments; it
-    also checks the content of ``b_blocks`` (range, order, uniqueness) on every call."""
-    check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
+    also checks the content of ``b_blocks`` (range, order, uniqueness) on every eager call
+    (not while ``torch.compile`` traces it: the check reads the tensor)."""
+    if not torch.compiler.is_compiling():
+        check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
     return _lori_linear_fused(x, weight, bias, b_values, b_blocks, spec)
 
 
@@ -89,7 +91,8 @@ def lori_linear_stored_a(
     """The LoRI layer with an explicit, stored A ``[r, in]`` instead of a seed (adapters
     imported from PEFT or the original LoRI code, merges of adapters with different
     seeds): plain torch autograd, differentiable in ``x`` and ``b_values``. The dropout
-    mask is LoRI-RNG's, as on every backend."""
+    mask is LoRI-RNG's, as on every backend; ``dropout_seed`` is an int or a one-element
+    int64 tensor (``torch.compile`` traces the mask's generation from it without reading it)."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d_in)
     xd = x2 * _dropout_factor(dropout_p, dropout_seed, x2) if dropout_p > 0 else x2

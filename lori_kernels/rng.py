@@ -6,7 +6,9 @@ the rules are in ``docs/RNG_SPEC.md`` and the known answers in
 
 torch has no full uint32 arithmetic, so 32-bit words are held in int64 tensors and
 masked with ``0xffffffff``; 32x32-bit products are split into 16-bit halves so that
-they never overflow int64.
+they never overflow int64. A seed given as a tensor is never read on the host, so
+``torch.compile`` traces the generator from it; ``dropout_seed_tensor`` (the custom op
+``lori_rng::dropout_seed``) turns a count of forwards held in a tensor into a dropout seed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ __all__ = [
     "DISTRIBUTIONS",
     "to_uint64",
     "to_int64",
+    "check_seed_tensor",
     "splitmix64",
     "fnv1a64",
     "layer_seed",
+    "dropout_seed",
+    "dropout_seed_tensor",
     "philox4x32_10",
     "random_words",
     "a_bound",
@@ -51,16 +56,21 @@ def to_uint64(seed: int | torch.Tensor) -> int:
     """A seed as a Python int in [0, 2^64): accepts the uint64 value, its two's-complement
     int64 (how a seed is stored in a tensor or checkpoint), or a one-element int64 tensor."""
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(
-                f"seed tensor must hold one int64 value, got shape {tuple(seed.shape)} and dtype {seed.dtype}"
-            )
-        seed = int(seed.item())
+        seed = int(check_seed_tensor(seed).item())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed {seed} is outside [-2^63, 2^64): not a 64-bit value")
     return seed & _M64
+
+
+def check_seed_tensor(seed: torch.Tensor, name: str = "seed") -> torch.Tensor:
+    """``seed`` itself, once its metadata say it holds one int64 value (nothing is read)."""
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(
+            f"{name} tensor must hold one int64 value, got shape {tuple(seed.shape)} and dtype {seed.dtype}"
+        )
+    return seed
 
 
 def to_int64(seed: int | torch.Tensor) -> int:
@@ -95,6 +105,32 @@ def layer_seed(global_seed: int, name: str) -> int:
     return splitmix64(to_uint64(global_seed) ^ fnv1a64(name))
 
 
+def dropout_seed(layer_seed: int, step: int, rank: int = 0) -> int:
+    """The uint64 seed of the dropout mask that a layer with seed ``layer_seed`` draws in its
+    model's ``step``-th training forward (counted from 1) on data-parallel ``rank``:
+    ``splitmix64(layer_seed XOR splitmix64(step + (rank << 40)))``, all mod 2^64."""
+    return splitmix64(to_uint64(layer_seed) ^ splitmix64((step + (rank << 40)) & _M64))
+
+
+@torch.library.custom_op("lori_rng::dropout_seed", mutates_args=())
+def _dropout_seed_op(step: torch.Tensor, layer_seed: int, rank: int) -> torch.Tensor:
+    """``dropout_seed`` as a 0-dim int64 CPU tensor; ``layer_seed`` in two's complement."""
+    return torch.tensor(to_int64(dropout_seed(layer_seed, int(step), rank)), dtype=torch.int64, device="cpu")
+
+
+@_dropout_seed_op.register_fake
+def _(step, layer_seed, rank):
+    return torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def dropout_seed_tensor(layer_seed: int, step: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """``dropout_seed`` of a step held in a one-element int64 CPU tensor, as a 0-dim int64
+    CPU tensor (the uint64 in two's complement). A custom op reads the step, so
+    ``torch.compile`` neither guards on its value nor breaks its graph there: a count of
+    forwards kept in a tensor compiles once."""
+    return _dropout_seed_op(step, to_int64(layer_seed), rank)
+
+
 def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of ``a * m`` for uint32 words ``a`` held in int64."""
     pl = a * (m & 0xFFFF)
@@ -104,10 +140,16 @@ def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32_10(
-    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: int | torch.Tensor,
+    k1: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 on counters held in int64 tensors (values in [0, 2^32)); the key is
-    two Python ints. Returns the four output words as int64 tensors."""
+    two Python ints or two 0-dim int64 tensors. Returns the four output words as int64
+    tensors."""
     for round_ in range(10):
         if round_:
             k0 = (k0 + _PHILOX_W0) & _M32
@@ -116,6 +158,19 @@ def philox4x32_10(
         hi1, lo1 = _mulhilo32(c2, _PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
+
+
+def _philox_key(seed: int | torch.Tensor, device) -> tuple[int, int] | tuple[torch.Tensor, torch.Tensor]:
+    """The Philox key ``(seed & 0xffffffff, seed >> 32)``: two ints, or for a seed tensor two
+    0-dim int64 tensors computed without reading it (so ``torch.compile`` traces them). A
+    seed on the CPU stays there: a CPU scalar combines with tensors on any device."""
+    if not isinstance(seed, torch.Tensor):
+        s = to_uint64(seed)
+        return s & _M32, s >> 32
+    s = check_seed_tensor(seed).reshape(())
+    if s.device.type != "cpu":
+        s = s.to(device)
+    return s & _M32, (s >> 32) & _M32
 
 
 def random_words(
@@ -137,12 +192,11 @@ def random_words(
         )
     if (row0 + rows) * width > 2**64:
         raise ValueError(f"flat indices of rows up to {row0 + rows} x {width} exceed 2^64")
-    s = to_uint64(seed)
-    k0, k1 = s & _M32, s >> 32
     # Flat indices are uint64; int64 tensors hold them in two's complement, so the
     # quotient by 4 is taken as a logical shift (q < 2^62 is always positive).
     first = to_int64((row0 * width + col0) & _M64)
     starts = torch.arange(rows, dtype=torch.int64, device=device) * width + first
+    k0, k1 = _philox_key(seed, starts.device)
     quads = (cols + 3) // 4 + 1  # quads a row of ``cols`` words can touch
     q = ((starts >> 2) & (2**62 - 1)).unsqueeze(1) + torch.arange(quads, dtype=torch.int64, device=device)
     zero = torch.zeros_like(q)

@@ -1,10 +1,13 @@
 """LoRILinear and its injection into Hugging Face causal LMs (tiny configs built here)."""
 
+import shutil
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import lori
+import lori_kernels
 from lori import LoRIConfig, LoRILinear
 from lori_kernels import rng
 
@@ -239,3 +242,177 @@ def test_cpu_adapters_over_a_meta_base_save_like_real_ones(tmp_path):
     assert (tmp_path / "meta" / "adapter.safetensors").read_bytes() == (
         tmp_path / "real" / "adapter.safetensors"
     ).read_bytes()
+
+
+def train_steps(model, steps=3, seed=0):
+    """Training steps (forward + backward, no update) of a model: losses and b_values grads."""
+    g = torch.Generator().manual_seed(seed)
+    losses, grads = [], []
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (2, 9), generator=g)
+        for layer in lori.lori_layers(model).values():
+            layer.b_values.grad = None
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([layer.b_values.grad.clone() for layer in lori.lori_layers(model).values()])
+    return losses, grads
+
+
+@pytest.mark.parametrize(
+    "backend, compiler",
+    [
+        ("auto", "aot_eager"),
+        ("reference", "aot_eager"),
+        pytest.param(
+            "auto",
+            "inductor",
+            marks=pytest.mark.skipif(not shutil.which("c++"), reason="inductor needs a C++ compiler"),
+        ),
+    ],
+)
+def test_dropout_compiles_fullgraph_once_and_draws_the_eager_masks(backend, compiler):
+    """torch.compile(fullgraph=True) of a model with dropout: one compilation for every
+    step (the count of forwards is a tensor), the masks of eager mode."""
+    config = LoRIConfig(r=8, block=(16, 8), dropout=0.1)
+    eager = lori.get_lori_model(tiny_model(), config, backend=backend).train()
+    model = lori.get_lori_model(tiny_model(), config, backend=backend).train()
+    randomize_b(eager)
+    randomize_b(model)
+    want = train_steps(eager)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = train_steps(torch.compile(model, backend=compiler, fullgraph=True))
+    torch.testing.assert_close(got, want)
+    assert int(model.dropout_calls) == int(eager.dropout_calls) == 3
+
+
+@pytest.mark.parametrize("stored_a", [False, True])
+def test_dropout_of_a_layer_on_its_own_compiles_once(stored_a):
+    """A LoRILinear on its own counts its own forwards, also under torch.compile; the
+    stored-A path (plain torch) draws its mask from the same seed tensor."""
+    a = torch.randn(8, 32) if stored_a else None
+    layers = [LoRILinear(torch.nn.Linear(32, 48), r=8, alpha=16, seed=3, block=(16, 8), dropout=0.5, a=a) for _ in "ab"]
+    for layer in layers:
+        layer.load_state_dict(layers[0].state_dict())
+        with torch.no_grad():
+            layer.b_values.copy_(torch.linspace(-1, 1, layer.b_values.numel()).reshape(layer.b_values.shape))
+    x = torch.randn(5, 32)
+
+    def steps(layer):
+        out = []
+        for _ in range(3):
+            layer.b_values.grad = None
+            y = layer(x)
+            y.square().sum().backward()
+            out.append((y.detach(), layer.b_values.grad.clone()))
+        return out
+
+    want = steps(layers[0])
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = steps(torch.compile(layers[1], backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(want[0][0], want[1][0])  # a fresh mask every step
+
+
+def test_eager_dropout_masks_are_those_of_the_v1_derivation(monkeypatch):
+    """The n-th training forward of the model (n from 1) on rank k draws each layer's mask
+    from splitmix64(layer_seed ^ splitmix64(n + (k << 40))), as checkpoints of earlier
+    versions did; evaluation forwards do not count."""
+    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), dropout=0.3)).train()
+    randomize_b(model)
+    name = "model.layers.1.mlp.down_proj"
+    layer = model.get_submodule(name)
+    seen = []
+    layer.register_forward_hook(lambda module, args, y: seen.append((args[0].detach(), y.detach())))
+    ids = torch.randint(0, 97, (2, 9))
+    model(ids)
+    model.eval()
+    model(ids)
+    model.train()
+    monkeypatch.setattr(lori.layer, "_rank", lambda: 3)
+    model(ids)
+    assert int(model.dropout_calls) == 2
+    m64 = 2**64 - 1
+    for (x, y), calls, rank in zip([seen[0], seen[2]], (1, 2), (0, 3), strict=True):
+        seed = rng.splitmix64(rng.layer_seed(0, name) ^ rng.splitmix64(calls + (rank << 40))) & m64
+        assert rng.dropout_seed(rng.layer_seed(0, name), calls, rank) == seed
+        want = lori_kernels.lori_linear(
+            x,
+            layer.base_layer.weight,
+            layer.base_layer.bias,
+            layer.layer_seed,
+            layer.b_values.detach(),
+            layer.b_blocks,
+            r=8,
+            block=(16, 8),
+            scaling=layer.scaling,
+            dropout_p=0.3,
+            dropout_seed=seed,
+        )
+        torch.testing.assert_close(y, want)
+
+
+def test_set_dropout_calls_resumes_the_masks():
+    """After set_dropout_calls(model, n) the next forward draws the masks of forward n + 1."""
+    config = LoRIConfig(r=8, block=(16, 8), dropout=0.3)
+    ids = torch.randint(0, 97, (2, 9))
+    first = lori.get_lori_model(tiny_model(), config).train()
+    randomize_b(first)
+    logits = [first(ids).logits for _ in range(3)]
+    resumed = lori.get_lori_model(tiny_model(), config).train()
+    randomize_b(resumed)
+    lori.set_dropout_calls(resumed, 2)
+    torch.testing.assert_close(resumed(ids).logits, logits[2])
+    assert not torch.allclose(logits[1], logits[2])
+    lori.remove_lori(resumed)
+    assert not hasattr(resumed, "dropout_calls") and not resumed._forward_pre_hooks
+
+
+class Blocks(torch.nn.Module):
+    """Two blocks of two linears (q_proj, v_proj), each run under non-reentrant activation
+    checkpointing or not."""
+
+    def __init__(self, checkpointing: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointing = checkpointing
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict(dict(q_proj=torch.nn.Linear(32, 64), v_proj=torch.nn.Linear(64, 32))) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+
+            def run(x, block=block):
+                return x + block["v_proj"](torch.relu(block["q_proj"](x)))
+
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if self.checkpointing else run(x)
+        return x
+
+
+def test_checkpointed_dropout_compiles_and_recomputes_the_masks():
+    """Under torch.compile too, a block recomputed by activation checkpointing draws the
+    masks of its first pass (the count of forwards is the model's, not the block's)."""
+    config = LoRIConfig(r=8, block=(16, 8), target_modules=["q_proj", "v_proj"], dropout=0.3)
+    x = torch.randn(4, 32)
+
+    def steps(model):
+        randomize_b(model)
+        out = []
+        for _ in range(3):
+            for layer in lori.lori_layers(model).values():
+                layer.b_values.grad = None
+            y = model(x)
+            y.square().sum().backward()
+            out.append((y.detach(), [layer.b_values.grad.clone() for layer in lori.lori_layers(model).values()]))
+        return out
+
+    want = steps(lori.get_lori_model(Blocks(checkpointing=False), config).train())
+    torch.testing.assert_close(steps(lori.get_lori_model(Blocks(checkpointing=True), config).train()), want)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model = lori.get_lori_model(Blocks(checkpointing=True), config).train()
+        got = steps(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want)

@@ -179,13 +179,58 @@ def test_saves_only_h_for_backward(dropout_p, dtype):
     assert ours == base + m * r * x.element_size()
 
 
-def test_double_backward_is_refused():
+def test_dropout_seed_may_be_a_tensor():
+    """``dropout_seed`` as a one-element int64 tensor (how LoRILinear passes it, so that
+    torch.compile does not guard on it) draws the mask of its value, in forward and backward."""
+    layer = make_layer(40, 24, 8, (16, 4), keep=0.6)
+    outputs = []
+    for dropout_seed in (2**63 + 5, torch.tensor(rng.to_int64(2**63 + 5))):
+        x = torch.randn(6, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        b_values = layer["b_values"].clone().requires_grad_()
+        y = run(dict(layer, b_values=b_values), x, 8, (16, 4), dropout_p=0.4, dropout_seed=dropout_seed)
+        y.square().sum().backward()
+        outputs.append((y, x.grad, b_values.grad))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dy_requires_grad", [False, True])
+def test_double_backward_is_refused(dy_requires_grad):
+    """Second-order gradients raise an error that says so, whether or not the incoming
+    gradient requires grad (a plain ``y.sum()`` or a loss of ``y``)."""
     layer = make_layer(32, 16, 4, (32, 4))
     x = torch.randn(3, 16, requires_grad=True)
-    y = run(layer, x, 4, (32, 4))
-    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y, requires_grad=True), create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+    y = run(layer, x, 4, (32, 4), dropout_p=0.2)
+    dy = torch.randn_like(y, requires_grad=dy_requires_grad)
+    (gx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"lori_linear does not support double backward \(second-order gradients\)"):
         gx.sum().backward()
+
+
+def test_opcheck_of_the_fused_ops():
+    """The reference backend's custom ops (what torch.compile traces): schema, fake and
+    autograd registrations, with the dropout seed as a tensor."""
+    layer = make_layer(70, 40, 8, (32, 4), keep=0.5)
+    x = torch.randn(20, 40, requires_grad=True)
+    b_values = layer["b_values"].clone().requires_grad_()
+    weight, bias, b_blocks, dropout_seed = layer["weight"], layer["bias"], layer["b_blocks"], torch.tensor(5)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    forward_args = (x, weight, bias, b_values, b_blocks, -3, 8, 2.0, "uniform", 0.1, dropout_seed)
+    torch.library.opcheck(torch.ops.lori_ref.forward.default, forward_args, test_utils=tests)
+    dy, h = torch.randn(20, 70), torch.randn(20, 8)
+    backward_args = (dy, h, weight, layer["b_values"], b_blocks, -3, 2.0, "uniform", 0.1, dropout_seed, True, True)
+    torch.library.opcheck(torch.ops.lori_ref.backward.default, backward_args, test_utils=tests[:3])
+
+
+def test_double_backward_through_the_custom_op_is_refused():
+    """The custom op that torch.compile traces refuses second-order gradients too."""
+    layer = make_layer(32, 16, 4, (32, 4))
+    x = torch.randn(3, 16, requires_grad=True)
+    b_values = layer["b_values"].clone().requires_grad_()
+    args = (layer["weight"], layer["bias"], b_values, layer["b_blocks"], rng.to_int64(layer["seed"]), 4, 2.0)
+    y, _ = torch.ops.lori_ref.forward(x, *args, "uniform", 0.2, torch.tensor(11))
+    (gb,) = torch.autograd.grad(y.sum(), b_values, create_graph=True)
+    with pytest.raises(RuntimeError, match="lori_linear does not support double backward"):
+        gb.sum().backward()
 
 
 def bad(**changes):
@@ -242,6 +287,8 @@ def bad(**changes):
         (bad(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (bad(scaling=float("nan")), ValueError, "scaling must be a finite number"),
         (bad(seed=2**64), ValueError, "outside"),
+        (bad(dropout_p=0.1, dropout_seed=torch.tensor([1, 2])), ValueError, "dropout_seed tensor must hold one int64"),
+        (bad(dropout_p=0.1, dropout_seed=torch.tensor(1.0)), ValueError, "dropout_seed tensor must hold one int64"),
         (bad(backend="nope"), ValueError, "unknown backend"),
     ],
 )

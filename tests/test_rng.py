@@ -48,6 +48,37 @@ def test_splitmix64_fnv1a64_layer_seed(golden):
         assert lori_kernels.layer_seed(case["global_seed"], "base_model.model." + case["name"]) == case["out"]
 
 
+def test_dropout_seed():
+    """A forward's dropout seed: splitmix64(layer_seed ^ splitmix64(step + (rank << 40))),
+    pinned by values (masks of existing checkpoints' runs depend on it); the tensor form
+    (a custom op, for torch.compile) gives the same value."""
+    assert rng.dropout_seed(2**64 - 5, 1) == 14904313947699082216
+    assert rng.dropout_seed(2**64 - 5, 12345, 7) == 1955254212765586627
+    assert rng.dropout_seed(rng.to_int64(2**64 - 5), 12345, 7) == 1955254212765586627
+    assert rng.dropout_seed(9, 3, 2) == rng.splitmix64(9 ^ rng.splitmix64(3 + (2 << 40)))
+    step = torch.tensor(12345)
+    seed = rng.dropout_seed_tensor(2**64 - 5, step, 7)
+    assert seed.dtype == torch.int64 and seed.shape == () and seed.device.type == "cpu"
+    assert rng.to_uint64(seed) == 1955254212765586627
+    torch.library.opcheck(torch.ops.lori_rng.dropout_seed, (step, rng.to_int64(2**64 - 5), 7))
+
+
+@pytest.mark.parametrize("seed", [5, 2**63 + 11])
+def test_seed_tensors_give_the_words_of_their_value(seed):
+    """A seed tensor is never read (torch.compile traces the words from it, fullgraph) and
+    gives the words of the seed's value, also at 2^63 and above (two's complement)."""
+    seed_t = torch.tensor(rng.to_int64(seed))
+
+    def mask(s):
+        return rng.dropout_keep(s, 0.3, 5, 9, row0=3)
+
+    want = mask(seed)
+    assert torch.equal(mask(seed_t), want)
+    assert torch.equal(mask(seed_t.reshape(1)), want)
+    assert torch.equal(torch.compile(mask, backend="aot_eager", fullgraph=True)(seed_t), want)
+    assert_bitwise_equal(rng.generate_a_tile(seed_t, 13, 0, 4, 0, 13), rng.generate_a_tile(seed, 13, 0, 4, 0, 13))
+
+
 def test_random_words(golden):
     """Single words, including flat indices past 2^32 and 2^63 (carried into c1)."""
     for case in golden["bits"]:
@@ -132,6 +163,7 @@ def test_dropout_rows_offset_and_rate():
         (lambda: rng.dropout_keep(1, 1.0, 2, 2), r"\[0, 1\)"),
         (lambda: rng.dropout_keep(1, -0.1, 2, 2), r"\[0, 1\)"),
         (lambda: rng.random_words(1, 0, 4, 0, 1, 2, 3), "does not fit"),
+        (lambda: rng.dropout_keep(torch.tensor([1, 2]), 0.5, 2, 2), "one int64 value"),
         (lambda: lori_kernels.generate_a(1, 2, 0), "d_in > 0"),
         (lambda: lori_kernels.generate_a(1, 2, 3, dist="normal"), "dist must be one of"),
         (lambda: lori_kernels.generate_a(1, 2, 3, backend="fast"), "unknown backend"),

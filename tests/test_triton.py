@@ -177,7 +177,8 @@ def test_opcheck(namespace):
     layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=DEVICE)
     x = torch.randn(20, 40, device=DEVICE, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
-    args = (x, layer["weight"], layer["bias"], b_values, layer["b_blocks"], -3, 8, 2.0, "uniform", 0.1, 5)
+    dropout_seed = torch.tensor(5)  # an int64 tensor, as lori_linear passes it
+    args = (x, layer["weight"], layer["bias"], b_values, layer["b_blocks"], -3, 8, 2.0, "uniform", 0.1, dropout_seed)
     lori_kernels.layer_kernels(namespace.replace("lori_", ""))  # registers the backend's ops
     torch.library.opcheck(
         getattr(torch.ops, namespace).forward.default,
