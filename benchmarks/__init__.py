@@ -1,13 +1,11 @@
-"""LoRI's benchmark suites: kernels (speed), memory and storage, each against PEFT LoRA and
-the original LoRI code, with device, versions and commit on every row.
+"""The checkout's benchmark folder: ``results/`` (the committed results the README's tables
+are rendered from, with device, versions and commit on every row), ``gpu_session.sh`` (the
+runbook for a lent GPU) and the pytest-benchmark suites over the cases of ``lori.bench``:
 
     lori bench [--suite kernels|memory|storage|all] [--quick] [--results DIR]   # CSV + JSON + PNG
-    python -m lori.bench ...                                                   # the same
     pytest benchmarks/ --benchmark-only                                        # pytest-benchmark
 
-Modules: ``common`` (environment, timing, results files), ``kernels``, ``memory``,
-``storage`` (one ``run(device, quick=, full=, backends=) -> {table: rows}`` each) and
-``report`` (markdown tables and PNG plots from the results files). ``test_*.py`` are the
-pytest-benchmark suites; pyproject's ``testpaths`` keeps a plain ``pytest`` from
-collecting them.
+The suites themselves ship in the package (``lori.bench``), so ``lori bench`` also runs
+from a plain ``pip install``; pyproject's ``testpaths`` keeps a plain ``pytest`` from
+collecting this folder.
 """

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lori_kernels
-from benchmarks import kernels
-from benchmarks.common import interpreted, lori_backends, synced
+from lori.bench import kernels
+from lori.bench.common import interpreted, lori_backends, synced
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = kernels.centre(DEVICE.type, quick=DEVICE.type == "cpu")

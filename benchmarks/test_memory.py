@@ -8,8 +8,8 @@ the memory suite attached as ``extra_info``; and the bytes one layer saves for b
 import pytest
 import torch
 
-from benchmarks import kernels, memory
-from benchmarks.common import lori_backends, synced
+from lori.bench import kernels, memory
+from lori.bench.common import lori_backends, synced
 from lori_kernels.saved_memory import saved_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lori
-from benchmarks import storage
+from lori.bench import storage
 
 CONFIG = storage.llama3_8b_config(quick=True)
 

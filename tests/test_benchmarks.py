@@ -19,13 +19,14 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``python -m lori.bench --quick`` (what ``lori bench --quick`` runs): every suite."""
+    """``python -m lori.bench --quick`` (what ``lori bench --quick`` runs): every suite, from a
+    working directory outside the checkout (the suites ship in the package)."""
     results = tmp_path_factory.mktemp("results")
     out = subprocess.run(
         [sys.executable, "-m", "lori.bench", "--quick", "--results", str(results)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path_factory.mktemp("elsewhere"),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return results, out.stdout
@@ -52,10 +53,7 @@ def test_kernels_rows_are_handed_over_after_every_case():
     """What lets ``lori bench`` write the kernel rows as it goes (an interrupted run keeps them)."""
     import torch
 
-    from lori.bench import benchmarks_package
-
-    benchmarks_package()
-    from benchmarks import kernels
+    from lori.bench import kernels
 
     calls = []
     tables = kernels.run(torch.device("cpu"), quick=True, backends=["reference"], progress=calls.append)
@@ -103,12 +101,8 @@ def test_quick_storage(quick):
 
 def test_report_renders_committed_results(tmp_path):
     """The README's tables and the plots come from the committed CPU results."""
-    import importlib
+    from lori.bench import report
 
-    from lori.bench import benchmarks_package
-
-    benchmarks_package()
-    report = importlib.import_module("benchmarks.report")
     text = report.markdown(RESULTS)
     assert text.startswith("#### CPU") and "| in × out |" in text and "| checkpoint |" in text
     assert {p.name for p in report.plots(RESULTS, tmp_path)} == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}
@@ -154,12 +148,9 @@ def test_lori_bench_on_the_command_line_renders_committed_results(tmp_path, caps
 def test_readme_benchmark_tables_are_the_committed_results():
     """Every table row of the README's benchmark section is in the report rendered from
     the committed results files."""
-    import importlib
+    from lori.bench import report
 
-    from lori.bench import benchmarks_package
-
-    benchmarks_package()
-    rendered = importlib.import_module("benchmarks.report").markdown(RESULTS)
+    rendered = report.markdown(RESULTS)
     section = (ROOT / "README.md").read_text().split("\n## Benchmarks\n")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     assert len(rows) > 20

@@ -1,6 +1,6 @@
 """Markdown tables and PNG plots from the results files of ``lori bench``.
 
-    python -m benchmarks.report [--results DIR]
+    python -m lori.bench.report [--results DIR]
 
 reads ``<table>_<device>.csv`` (and the suites' ``.json`` for the device and versions) under
 DIR, prints the tables as markdown (what README's benchmark section shows) and writes the

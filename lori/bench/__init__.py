@@ -1,14 +1,16 @@
-"""``lori bench``: the kernel, memory and storage benchmark suites in one run.
+"""``lori bench``: the kernel, memory and storage benchmark suites in one run, on your own
+machine (they ship with the package; ``pip install "lori-kernels[bench]"`` adds PEFT,
+pytest-benchmark and matplotlib, which they compare against and plot with).
 
 Each suite writes ``<table>_<device>.csv`` (one row per measurement, with device name,
 torch/triton/CUDA versions, commit and date) and ``<suite>_<device>.json`` (the same rows
 under the environment and the settings of the run) into the results directory; then the
 PNG plots are drawn from every results file there and the tables printed as markdown.
 
-The suites live in the checkout's ``benchmarks/`` package (beside ``lori/``; see
-``benchmarks/__init__.py``), not in the installed library: they need peft and matplotlib
-and are run from a source checkout (``pip install -e ".[dev]"``). This module loads that
-package by its path, so ``lori bench`` works from any working directory.
+Modules: ``common`` (environment, timing, results files), ``kernels``, ``memory``,
+``storage`` (one ``run(device, quick=, full=, backends=) -> {table: rows}`` each) and
+``report`` (markdown tables and PNG plots from the results files). The pytest-benchmark
+suites over the same cases are the checkout's ``benchmarks/test_*.py``.
 
 Wired into ``lori`` as ``lori bench``; also ``python -m lori.bench``.
 """
@@ -17,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["SUITES", "add_arguments", "benchmarks_package", "run"]
+from lori.bench.common import RESULTS
+
+__all__ = ["SUITES", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
 SUITES = ("kernels", "memory", "storage")
-CHECKOUT = Path(__file__).resolve().parents[1]
-DEFAULT_RESULTS = CHECKOUT / "benchmarks" / "results"
+DEFAULT_RESULTS = RESULTS
 
 
 def _names(text: str) -> list[str]:
@@ -47,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         default=None,
-        help=f"results directory (default: {DEFAULT_RESULTS}, or its quick/ subdirectory with --quick)",
+        help=f"results directory (default: {DEFAULT_RESULTS}, under the working directory; its quick/ subdirectory "
+        "with --quick)",
     )
     parser.add_argument(
         "--backends",
@@ -70,44 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def benchmarks_package():
-    """The checkout's ``benchmarks`` package (imported from its path; RuntimeError outside a
-    source checkout)."""
-    init = CHECKOUT / "benchmarks" / "__init__.py"
-    loaded = sys.modules.get("benchmarks")
-    if loaded is not None and Path(loaded.__file__).resolve() == init:
-        return loaded
-    if loaded is not None:
-        raise RuntimeError(f"another module named 'benchmarks' is imported ({loaded.__file__}); run lori bench alone")
-    if not init.is_file():
-        raise RuntimeError(
-            f"lori bench runs from a source checkout of lori-kernels: {init} is missing "
-            "(clone the repository and pip install -e '.[dev]' there)"
-        )
-    spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the chosen suites, write their results, plots and print the markdown tables."""
     import torch
 
+    from lori.bench import common, report
     from lori_kernels.backends import BACKENDS
 
     unknown = sorted(set(args.backends or ()) - set(BACKENDS))
     if unknown:
         log.error("--backends: unknown %s; choose from %s", unknown, ", ".join(BACKENDS))
         return 2
-    try:
-        benchmarks_package()
-    except RuntimeError as e:
-        log.error("%s", e)
-        return 2
-    common = importlib.import_module("benchmarks.common")
-    report = importlib.import_module("benchmarks.report")
     results = args.results or (DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS)
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--device cuda: no CUDA device here")
@@ -124,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             options = dict(quick=args.quick, full=args.full, backends=args.backends)
             if name == "kernels":  # the long suite: its rows are written after every case
                 options["progress"] = lambda rows: common.write_csv(f"kernels_{device.type}", rows, results)
-            tables = importlib.import_module(f"benchmarks.{name}").run(device, **options)
+            tables = importlib.import_module(f"lori.bench.{name}").run(device, **options)
             for table, rows in tables.items():
                 if rows:
                     log.info("wrote %s", common.write_csv(f"{table}_{device.type}", rows, results))
@@ -143,7 +119,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,9 @@ from lori_kernels.backends import BACKENDS, TRITON_BACKENDS, unavailable_reason
 log = logging.getLogger(__name__)
 _announced: set[tuple] = set()
 
-RESULTS = Path(__file__).parent / "results"
+# Relative to the working directory: from a checkout's root, the committed results that the
+# README's tables are rendered from.
+RESULTS = Path("benchmarks") / "results"
 
 # Llama-3-8B: hidden 4096, MLP 14336, 32 query and 8 key/value heads of 128; its adapted
 # projections as (in, out): q and o, k and v, gate and up, down.
