@@ -59,12 +59,19 @@ def _optional(kind):
 _FLAGS = {"r": "--rank"}
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One option per field of a config dataclass, typed and documented from the field."""
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of a config dataclass, typed and documented from the field; a
+    field that is itself a config dataclass (``TrainConfig.adapter``) adds its fields'
+    options instead (``_dataclass_from_args`` builds it back)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name in skip:
+            continue
         hint, help_text = hints[f.name], f.metadata.get("help", "")
+        if dataclasses.is_dataclass(hint):
+            _add_dataclass_options(parser, hint, skip=_NOT_TRAINING)
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if hint is bool:
@@ -92,11 +99,26 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         )
 
 
+# LoRIConfig fields that are not training options (mask extraction has its own command).
+_NOT_TRAINING = ("sparsity",)
+
+
+def _dataclass_from_args(cls, args: argparse.Namespace):
+    """The config dataclass ``cls`` from the options ``_add_dataclass_options`` added."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _dataclass_from_args(hints[f.name], args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
 def _train(args: argparse.Namespace) -> int:
     from lori.train import TrainConfig, train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    result = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    result = train(_dataclass_from_args(TrainConfig, args))
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("lori").info(
             "final loss %.4f after %d steps; adapter at %s", result["losses"][-1], result["steps"], result["adapter"]

@@ -154,8 +154,8 @@ def test_fuzzed_training_checkpoints(tmp_path):
     toy.build_base_model(tmp_path / "base", tokenizer, steps=2, progress=False)
     toy.write_jsonl(toy.caesar_examples(32, 1, 10), tmp_path / "train.jsonl")
     cfg = TrainConfig(
-        model=str(tmp_path / "base"), data=str(tmp_path / "train.jsonl"), output=str(tmp_path / "run"), r=8,
-        block=(16, 8), batch_size=8, max_steps=2, save_every=1, progress=False,
+        model=str(tmp_path / "base"), data=str(tmp_path / "train.jsonl"), output=str(tmp_path / "run"),
+        adapter=LoRIConfig(r=8, block=(16, 8)), batch_size=8, max_steps=2, save_every=1, progress=False,
     )  # fmt: skip
     train(cfg)
     path = tmp_path / "run" / "checkpoints" / "step-0000001"

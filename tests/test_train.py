@@ -1,6 +1,7 @@
 """Training: LoRI-D, masks, LoRI-S; FSDP2 on two processes equals one; a resumed run
 continues the same loss curve; the command line."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 import lori
 import lori_kernels
-from lori import toy
+from lori import LoRIConfig, toy
 from lori.train import TrainConfig, train
 
 
@@ -26,21 +27,25 @@ def world(tmp_path_factory):
     return root
 
 
+ADAPTER_FIELDS = {f.name for f in dataclasses.fields(LoRIConfig)}
+
+
 def config(world, output, **changes):
+    """A run on the toy world: r 8, block 16x8, lr 3e-3; ``changes`` of the adapter's
+    fields (r, dropout, seed, ...) go to its LoRIConfig, the others to the TrainConfig."""
+    adapter = dict(r=8, block=(16, 8)) | {k: v for k, v in changes.items() if k in ADAPTER_FIELDS}
     settings = dict(
         model=str(world / "base"),
         data=str(world / "train.jsonl"),
         output=str(output),
-        r=8,
-        block=(16, 8),
         lr=3e-3,
         epochs=1,
         batch_size=8,
         progress=False,
         log_every=100,
     )
-    settings.update(changes)
-    return TrainConfig(**settings)
+    settings.update({k: v for k, v in changes.items() if k not in ADAPTER_FIELDS})
+    return TrainConfig(adapter=LoRIConfig(**adapter), **settings)
 
 
 def test_lori_d_then_masks_then_lori_s(world, tmp_path):
@@ -61,7 +66,7 @@ def test_lori_d_then_masks_then_lori_s(world, tmp_path):
 def test_learning_rates_default_to_the_lori_recipe(world, tmp_path):
     assert config(world, tmp_path, lr=None).peak_lr() == 5e-5
     assert config(world, tmp_path, lr=None, masks="m.safetensors").peak_lr() == 5e-4
-    lori_config = config(world, tmp_path).lori_config()
+    lori_config = config(world, tmp_path).adapter
     assert (lori_config.alpha, lori_config.dropout) == (16.0, 0.0)
 
 
@@ -198,7 +203,7 @@ def test_continual_learning_trains_the_task_mask_and_keeps_every_other_block(wor
     """A safety adapter (LoRI-S) first, then a task under its own mask on top of it: the
     safety blocks outside the task mask stay bit-identical (weight decay on, so they would
     shrink if they were only given zero gradients), the task blocks train."""
-    model = lori.get_lori_model(toy_base(world), config(world, tmp_path).lori_config())
+    model = lori.get_lori_model(toy_base(world), config(world, tmp_path).adapter)
     lori.save_masks(random_block_masks(model, 0.4, seed=1), tmp_path / "safety.safetensors")
     task_masks = random_block_masks(model, 0.3, seed=2)
     lori.save_masks(task_masks, tmp_path / "task.safetensors")
@@ -332,13 +337,13 @@ def test_a_diverging_run_stops_before_spoiling_the_adapter(world, tmp_path):
 def test_resume_checks_the_process_count_and_the_checkpoint_files(world, tmp_path):
     from types import SimpleNamespace
 
-    from lori.train import _load_checkpoint
+    from lori.train.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5))
     step4 = out / "checkpoints" / "step-0000004"
     with pytest.raises(ValueError, match="written by a run of 1 processes; resume it with 1 \\(not 2\\)"):
-        _load_checkpoint(None, None, None, config(world, out), SimpleNamespace(size=2), step4)
+        load_checkpoint(None, None, None, config(world, out), SimpleNamespace(size=2), step4)
     damages = {
         "optimizer.safetensors": (lambda d: d[:-7], "optimizer.safetensors does not match the checksum"),
         "trainer_state.json": (
