@@ -62,7 +62,8 @@ _FLAGS = {"r": "--rank"}
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One option per field of a config dataclass, typed and documented from the field; a
     field that is itself a config dataclass (``TrainConfig.adapter``) adds its fields'
-    options instead (``_dataclass_from_args`` builds it back)."""
+    options instead. An option not given is absent from the parsed arguments (``_given``),
+    so that a recipe's defaults apply under the options given."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -73,11 +74,12 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if not required:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{help_text} (default: {default})"
+        options = dict(dest=f.name, default=argparse.SUPPRESS, required=required, help=help_text)
         if hint is bool:
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
             continue
         kind = {int: int, float: float, str: str}.get(hint)
         args = typing.get_args(hint)
@@ -89,36 +91,23 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str
             kind = _names
         if type(None) in args and kind is not None:
             kind = _optional(kind)
-        parser.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=default,
-            required=required,
-            help=f"{help_text} (default: {default})" if not required else help_text,
-        )
+        parser.add_argument(flag, type=kind, **options)
 
 
 # LoRIConfig fields that are not training options (mask extraction has its own command).
 _NOT_TRAINING = ("sparsity",)
 
 
-def _dataclass_from_args(cls, args: argparse.Namespace):
-    """The config dataclass ``cls`` from the options ``_add_dataclass_options`` added."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            values[f.name] = _dataclass_from_args(hints[f.name], args)
-        elif hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    return cls(**values)
+def _given(cls, args: argparse.Namespace) -> dict:
+    """The fields of the config dataclass ``cls`` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lori.config import LoRIConfig
     from lori.train import TrainConfig, train
 
-    result = train(_dataclass_from_args(TrainConfig, args))
+    result = train(TrainConfig.from_recipe(args.recipe, adapter=_given(LoRIConfig, args), **_given(TrainConfig, args)))
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("lori").info(
             "final loss %.4f after %d steps; adapter at %s", result["losses"][-1], result["steps"], result["adapter"]
@@ -147,10 +136,13 @@ def _check_output(output: str, inputs: list[str], owned=None, what: str = "") ->
 def _extract_masks(args: argparse.Namespace) -> int:
     from lori.checkpoint import load_lori
     from lori.masks import extract_masks, save_masks
+    from lori.recipes import recipe
 
     _check_output(args.output, [args.adapter])
+    preset = recipe(args.recipe)["masks"]
+    block = args.block or preset.get("block")
     model = load_lori(_base_model(args.model), args.adapter)
-    save_masks(extract_masks(model, args.sparsity, block=args.block), args.output)
+    save_masks(extract_masks(model, args.sparsity, block=block, rule=args.rule or preset["rule"]), args.output)
     logging.getLogger("lori").info("masks -> %s", args.output)
     return 0
 
@@ -237,6 +229,7 @@ def _base_model(path: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from lori.merge import COMBINATIONS
+    from lori.recipes import MASK_RULES, RECIPES
     from lori.train import TrainConfig
 
     parser = _Parser(prog="lori", description="LoRI adapters: training, masks, evaluation")
@@ -245,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a LoRI adapter (LoRI-D; LoRI-S with --masks)")
+    train.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="lori",
+        help="defaults under the options given: 'lori' (the library's) or 'paper' (the original LoRI code's: element "
+        "masks, constant lr, per-tensor clipping, sequence-averaged loss; see README) (default: lori)",
+    )
     _add_dataclass_options(train, TrainConfig)
     train.set_defaults(run=_train)
 
@@ -254,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--sparsity", type=float, default=0.9, help="fraction of blocks dropped (default: 0.9)")
     masks.add_argument(
         "--block", type=_pair, default=None, help="mask block bo,br (default: the adapter's; 1,1: elements)"
+    )
+    masks.add_argument(
+        "--rule",
+        choices=MASK_RULES,
+        default=None,
+        help="'exact': round((1-s)*N) kept, ties broken by position; 'original': the original LoRI code's, "
+        "int((1-s)*N) and every tie of the last kept (default: the recipe's)",
+    )
+    masks.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="lori",
+        help="'paper': element masks (--block 1,1) by the original rule; 'lori': the adapter's block, exact "
+        "(default: lori)",
     )
     masks.add_argument("--output", required=True, help="masks file (.safetensors)")
     masks.set_defaults(run=_extract_masks)
@@ -268,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=None,
-        help="one per adapter (default: LoRI's 0.3 LoRI-S, 0.4 LoRI-D)",
+        help="one per adapter (default: the original LoRI scripts': up to 3 adapters 0.5 per LoRI-D and 0.4 per "
+        "LoRI-S, 4 or more 0.4 and 0.3)",
     )
     merge.add_argument("--combination", choices=COMBINATIONS, default="cat", help="as PEFT's (default: cat)")
     merge.add_argument("--fold", action="store_true", help="write the base model with the merge folded in")

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from lori.recipes import recipe
 from lori_kernels import rng
 from lori_kernels.block_sparse import check_block
 
@@ -16,7 +17,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 @dataclass
 class LoRIConfig:
-    """Hyperparameters of a LoRI adapter; the defaults are the original LoRI recipe's."""
+    """Hyperparameters of a LoRI adapter: the library's defaults (``from_recipe("paper")``
+    gives the original LoRI code's: element masks)."""
 
     r: int = field(default=32, metadata={"help": "Rank of the adapter (rows of the frozen A)."})
     alpha: float | None = field(
@@ -76,6 +78,12 @@ class LoRIConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"LoRIConfig.{name} must be in [0, 1), got {value!r}")
+
+    @classmethod
+    def from_recipe(cls, name: str, **fields) -> LoRIConfig:
+        """A config with recipe ``name``'s defaults (``lori.recipes``: ``"paper"`` is the
+        original LoRI code's, element masks) under ``fields``."""
+        return cls(**{**recipe(name)["adapter"], **fields})
 
     @property
     def scaling(self) -> float:

@@ -19,6 +19,7 @@ from lori.digests import tensors_digest
 from lori.errors import CheckpointError
 from lori.files import atomic_file
 from lori.model import lori_layers
+from lori.recipes import MASK_RULES
 from lori_kernels import block_sparse
 
 log = logging.getLogger(__name__)
@@ -39,30 +40,39 @@ def _block_scores(b: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def extract_masks(
-    model: torch.nn.Module, sparsity: float, block: tuple[int, int] | None = None
+    model: torch.nn.Module, sparsity: float, block: tuple[int, int] | None = None, rule: str = "exact"
 ) -> dict[str, torch.Tensor]:
     """Masks keeping the largest ``1 - sparsity`` of all blocks of all adapted B (global
-    top-k of block L2 norms, exactly ``round((1 - sparsity) * n_blocks)`` kept; ties go to
-    the earlier layer and block). ``block`` defaults to the model's."""
+    top-k of block L2 norms; for block (1, 1), of |B|). ``block`` defaults to the model's.
+    ``rule="exact"``: exactly ``round((1 - sparsity) * n_blocks)`` kept, ties going to the
+    earlier layer and block. ``rule="original"`` (the original LoRI code's
+    ``extract_mask.py``): the ``k = int((1 - sparsity) * n_blocks)`` largest and every block
+    tied with the k-th."""
     layers = lori_layers(model)
     if not layers:
         raise ValueError("the model has no LoRI adapters to extract masks from")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if rule not in MASK_RULES:
+        raise ValueError(f"rule must be one of {MASK_RULES}, got {rule!r}")
     first = next(iter(layers.values()))
     block = block_sparse.check_block(block if block is not None else first.block, first.r)
     scores = []
     for layer in layers.values():
         scores.append(_block_scores(layer.b_dense().cpu(), block_sparse.check_block(block, layer.r)))
     flat = torch.cat([s.flatten() for s in scores])
-    n_keep = round((1.0 - sparsity) * flat.numel())
+    n_keep = round((1.0 - sparsity) * flat.numel()) if rule == "exact" else int((1.0 - sparsity) * flat.numel())
     if n_keep == 0:
         raise ValueError(
             f"sparsity {sparsity} keeps none of the {flat.numel()} blocks {block}: nothing would train; "
-            f"use a sparsity below {1 - 0.5 / flat.numel():.6g}"
+            f"use a sparsity of at most {1 - (0.5 if rule == 'exact' else 1.0) / flat.numel():.6g}"
         )
-    kept = torch.zeros(flat.numel(), dtype=torch.bool)
-    kept[torch.sort(flat, descending=True, stable=True).indices[:n_keep]] = True
+    if rule == "exact":
+        kept = torch.zeros(flat.numel(), dtype=torch.bool)
+        kept[torch.sort(flat, descending=True, stable=True).indices[:n_keep]] = True
+    else:
+        kept = flat >= torch.topk(flat, n_keep).values[-1]
+        n_keep = int(kept.sum())
     masks, start = {}, 0
     for (name, layer), s in zip(layers.items(), scores, strict=True):
         grid = kept[start : start + s.numel()].reshape(s.shape)

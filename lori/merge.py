@@ -40,6 +40,7 @@ __all__ = [
     "combine",
     "default_weights",
     "delta_weight",
+    "is_sparse",
     "merge",
     "merge_adapter",
     "merge_and_unload",
@@ -48,8 +49,9 @@ __all__ = [
 ]
 
 COMBINATIONS = ("cat", "linear")
-# The original LoRI merging scripts weight every adapter 0.4 (LoRI-D) or 0.3 (LoRI-S).
-WEIGHT_LORI_D, WEIGHT_LORI_S = 0.4, 0.3
+# The original LoRI merging scripts' weight of each adapter, (LoRI-D, LoRI-S): merge_3_loras.sh
+# for three adapters, merge_4_loras.sh for four.
+ORIGINAL_WEIGHTS = {3: (0.5, 0.4), 4: (0.4, 0.3)}
 _SLAB_ELEMENTS = 1 << 24  # columns of ΔW materialized at once: <= 64 MiB of float32
 
 
@@ -67,11 +69,30 @@ def read_adapter(path: str | Path, *, base: nn.Module | None = None) -> tuple[Lo
     )
 
 
+def is_sparse(adapter: dict[str, LayerUpdate]) -> bool:
+    """Whether an adapter is LoRI-S: its masks drop elements of B, or (a PEFT-format adapter,
+    which carries no masks) at least half of its B is exact zeros."""
+    total = sum(u.mask.numel() for u in adapter.values())
+    kept = sum(int(u.mask.sum()) for u in adapter.values())
+    nonzero = sum(int((u.b != 0).sum()) for u in adapter.values())
+    return kept < total or 2 * nonzero <= total
+
+
 def default_weights(adapters: Sequence[dict[str, LayerUpdate]]) -> list[float]:
-    """The LoRI paper's merging weights: 0.3 each when every adapter is sparse (LoRI-S),
-    else 0.4 each (LoRI-D)."""
-    sparse = all(not u.mask.all() for adapter in adapters for u in adapter.values())
-    return [WEIGHT_LORI_S if sparse else WEIGHT_LORI_D] * len(adapters)
+    """The original LoRI merging scripts' weights: with up to three adapters 0.5 for each
+    LoRI-D and 0.4 for each LoRI-S adapter (merge_3_loras.sh), with four or more 0.4 and 0.3
+    (merge_4_loras.sh). Which weights and why is logged."""
+    dense, sparse = ORIGINAL_WEIGHTS[3 if len(adapters) <= 3 else 4]
+    kinds = ["LoRI-S" if is_sparse(adapter) else "LoRI-D" for adapter in adapters]
+    weights = [sparse if kind == "LoRI-S" else dense for kind in kinds]
+    log.info(
+        "merge weights %s: the original LoRI scripts' for %s adapters of kinds %s (LoRI-S: masks, or half of B exact "
+        "zeros); pass weights to choose others",
+        weights,
+        "up to 3" if len(adapters) <= 3 else "4 or more",
+        kinds,
+    )
+    return weights
 
 
 def _rank(adapter: dict[str, LayerUpdate]) -> int:
@@ -169,7 +190,7 @@ def merge(
 ) -> nn.Module:
     """Put the weighted combination (``combine``) of the adapters at ``adapters`` (LoRI
     checkpoints or PEFT adapter directories) into ``model``, a base model without
-    adapters; ``weights`` default to the LoRI paper's (``default_weights``). With
+    adapters; ``weights`` default to the original LoRI scripts' (``default_weights``). With
     ``check_base`` every LoRI checkpoint must have been trained on ``model`` (as
     ``load_lori``). With ``fold`` the result is folded into the base weights and the
     adapters removed (``merge_and_unload``). Returns the model."""

@@ -149,10 +149,21 @@ def test_cat_of_different_seeds_is_dense_math_with_stored_a(tmp_path):
     torch.testing.assert_close(logits(again), logits(merged), rtol=0, atol=0)
 
 
-def test_default_weights_are_the_papers(tmp_path):
-    sparse = [read_adapter(p)[1] for p in saved_adapters(tmp_path / "s", [3, 4])]
-    dense = [read_adapter(p)[1] for p in saved_adapters(tmp_path / "d", [3, 4], sparsity=None)]
-    assert default_weights(sparse) == [0.3, 0.3] and default_weights(dense) == [0.4, 0.4]
+def test_default_weights_are_the_original_scripts(tmp_path, caplog):
+    """merge_3_loras.sh: 0.5 per LoRI-D, 0.4 per LoRI-S adapter; merge_4_loras.sh: 0.4 and 0.3.
+    A LoRI-S adapter in PEFT format (no masks: B dense with exact zeros, as the original code
+    writes it) counts as LoRI-S."""
+    caplog.set_level("INFO", logger="lori.merge")
+    sparse = [read_adapter(p)[1] for p in saved_adapters(tmp_path / "s", [3, 4, 5, 6])]
+    dense = [read_adapter(p)[1] for p in saved_adapters(tmp_path / "d", [3, 4, 5, 6], sparsity=None)]
+    assert default_weights(sparse[:3]) == [0.4] * 3 and default_weights(dense[:3]) == [0.5] * 3
+    assert default_weights(sparse) == [0.3] * 4 and default_weights(dense) == [0.4] * 4
+    assert default_weights([sparse[0], dense[0]]) == [0.4, 0.5]
+    assert "the original LoRI scripts' for up to 3 adapters of kinds ['LoRI-S', 'LoRI-D']" in caplog.text
+    model = lori.load_lori(tiny_model(), saved_adapters(tmp_path / "p", [3])[0])
+    peft_format = read_adapter(lori.export_peft(model, tmp_path / "peft"))[1]
+    assert all(u.mask.all() for u in peft_format.values())  # no masks in a PEFT adapter...
+    assert default_weights([peft_format]) == [0.4]  # ...but 75% of its B is exact zeros: LoRI-S
 
 
 def test_merge_with_fold_and_bad_requests(tmp_path):

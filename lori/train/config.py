@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from lori.config import LoRIConfig
+from lori.recipes import recipe
 from lori_kernels.backends import BACKENDS
 
 __all__ = ["LR_LORI_D", "LR_LORI_S", "TrainConfig", "resume_fields"]
@@ -53,6 +54,14 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "Examples per process per micro-batch.", **RESUME})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step.", **RESUME})
     max_length: int = field(default=512, metadata={"help": "Tokens kept per example.", **RESUME})
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "'token': a step's loss is the mean over the response tokens of its global batch; 'sequence': "
+            "each sequence's summed response-token loss, averaged over its sequences (the original LoRI code's).",
+            **RESUME,
+        },
+    )
     clip_grad: float | None = field(default=1.0, metadata={"help": "Gradient-norm clip (None: off)."})
     clip_mode: str = field(default="global", metadata={"help": "'global' (one norm) or 'per_tensor'."})
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', or 'auto' (bf16 on GPU)."})
@@ -75,6 +84,7 @@ class TrainConfig:
             _require(self, name, lambda v: isinstance(v, str) and v, "a non-empty path")
         choices = {"schedule": ("constant", "cosine"), "clip_mode": ("global", "per_tensor")}
         choices["precision"] = ("auto", "fp32", "bf16")
+        choices["loss_normalization"] = ("token", "sequence")
         choices["backend"] = ("auto", *BACKENDS)
         for name, allowed in choices.items():
             _require(self, name, lambda v, allowed=allowed: v in allowed, f"one of {allowed}")
@@ -93,6 +103,14 @@ class TrainConfig:
             raise ValueError("resume and overwrite_output exclude each other: continue the run, or start over")
         if not isinstance(self.adapter, LoRIConfig):
             raise TypeError(f"adapter must be a LoRIConfig, got {type(self.adapter).__name__}")
+
+    @classmethod
+    def from_recipe(cls, name: str, *, adapter: dict | None = None, **fields) -> TrainConfig:
+        """A run with recipe ``name``'s defaults (``lori.recipes``; ``"paper"`` reproduces the
+        original LoRI code's LoRI-D and LoRI-S) under ``fields`` and the ``adapter``'s
+        LoRIConfig fields."""
+        preset = recipe(name)
+        return cls(adapter=LoRIConfig.from_recipe(name, **(adapter or {})), **{**preset["train"], **fields})
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else (LR_LORI_S if self.masks else LR_LORI_D)

@@ -1,6 +1,6 @@
 """The run: LoRI-D, LoRI-S or continual learning, alone or under FSDP2, with the loss of a
-step normalised by the global batch's response tokens, checkpoints, resume, and a stop at
-the first non-finite loss or gradient norm."""
+step normalised over the global batch (by its response tokens or its sequences),
+checkpoints, resume, and a stop at the first non-finite loss or gradient norm."""
 
 from __future__ import annotations
 
@@ -41,6 +41,19 @@ def _lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
 def _response_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is taken on (labels are predicted one position ahead)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_denominator(batches: list[dict[str, torch.Tensor]], world: World, cfg: TrainConfig, step: int) -> int:
+    """What a step's summed loss is divided by: the response tokens of its global batch
+    (``loss_normalization="token"``) or its sequences (``"sequence"``), over all processes."""
+    tokens = world.all_sum(sum(_response_tokens(b) for b in batches))
+    if tokens == 0:
+        raise ValueError(
+            f"step {step + 1} has no response tokens: is max_length ({cfg.max_length}) shorter than the prompts?"
+        )
+    if cfg.loss_normalization == "token":
+        return tokens
+    return world.all_sum(sum(b["labels"].shape[0] for b in batches))
 
 
 def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -150,21 +163,17 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not (cfg.progress and world.main))
     for step in bar:
         batches = [{k: v.to(world.device) for k, v in b.items()} for b in micro_batches(step)]
-        tokens = world.all_sum(sum(_response_tokens(b) for b in batches))
-        if tokens == 0:
-            raise ValueError(
-                f"step {step + 1} has no response tokens: is max_length ({cfg.max_length}) shorter than the prompts?"
-            )
+        denominator = _loss_denominator(batches, world, cfg, step)
         step_loss = 0.0
         for a, batch in enumerate(batches):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(a == len(batches) - 1)
             loss_sum = _loss_sum(model, batch)
-            (loss_sum * (world.size / tokens)).backward()
+            (loss_sum * (world.size / denominator)).backward()
             step_loss += loss_sum.item()
         if frozen is not None:
             frozen.mask_grads()
-        loss = world.all_sum(step_loss) / tokens
+        loss = world.all_sum(step_loss) / denominator
         grad_norm = _clip(params, cfg.clip_grad, cfg.clip_mode)
         done = step + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
