@@ -62,6 +62,13 @@ class TrainConfig:
             **RESUME,
         },
     )
+    loss_chunk_tokens: int = field(
+        default=1024,
+        metadata={
+            "help": "Tokens whose logits exist at once: the loss is computed from the last hidden states in chunks, "
+            "never materialising a micro-batch's full logits (0: from the full logits). Same loss either way."
+        },
+    )
     clip_grad: float | None = field(default=1.0, metadata={"help": "Gradient-norm clip (None: off)."})
     clip_mode: str = field(default="global", metadata={"help": "'global' (one norm) or 'per_tensor'."})
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', or 'auto' (bf16 on GPU)."})
@@ -92,6 +99,7 @@ class TrainConfig:
             _require(self, name, lambda v: _is_int(v) and v >= 1, "at least 1")
         _require(self, "max_steps", lambda v: v is None or _is_int(v) and v >= 1, "at least 1")
         _require(self, "save_every", lambda v: _is_int(v) and v >= 0, "at least 0 (0: no checkpoints)")
+        _require(self, "loss_chunk_tokens", lambda v: _is_int(v) and v >= 0, "at least 0 (0: the full logits)")
         _require(self, "data_seed", lambda v: _is_int(v) and 0 <= v < 2**62, "an integer in [0, 2^62)")
         _require(self, "lr", lambda v: v is None or _is_finite(v) and v > 0, "a positive finite number")
         _require(self, "clip_grad", lambda v: v is None or _is_finite(v) and v > 0, "positive and finite, or None")

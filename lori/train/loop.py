@@ -19,6 +19,7 @@ from lori.masks import load_masks
 from lori.model import enable_activation_checkpointing, get_lori_model, print_trainable_parameters
 from lori.train.checkpoint import ADAPTER_DIR, check_output, load_checkpoint, remove_checkpoint, save_checkpoint
 from lori.train.config import TrainConfig
+from lori.train.loss import response_loss_sum
 from lori.train.world import World, load_model, shard
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,6 @@ def _loss_denominator(batches: list[dict[str, torch.Tensor]], world: World, cfg:
     if cfg.loss_normalization == "token":
         return tokens
     return world.all_sum(sum(b["labels"].shape[0] for b in batches))
-
-
-def _loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the response tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 def _clip(params: list[torch.Tensor], max_norm: float | None, mode: str) -> float:
@@ -168,7 +158,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         for a, batch in enumerate(batches):
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(a == len(batches) - 1)
-            loss_sum = _loss_sum(model, batch)
+            loss_sum = response_loss_sum(model, batch, cfg.loss_chunk_tokens)
             (loss_sum * (world.size / denominator)).backward()
             step_loss += loss_sum.item()
         if frozen is not None:
