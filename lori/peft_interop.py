@@ -2,9 +2,24 @@
 
 ``export_peft`` writes an ordinary PEFT LoRA adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``, A materialized, B dense) that
-``peft.PeftModel.from_pretrained`` loads. ``import_peft`` reads one, also those the
-original LoRI code trained (with its ``torch.save``d masks), into ``LoRILinear``s that
-keep the adapter's A as a stored A. Neither needs ``peft`` installed.
+``peft.PeftModel.from_pretrained`` loads. ``import_peft`` reads one into ``LoRILinear``s
+that keep the adapter's A as a stored A, also as the original LoRI code writes them:
+
+- its masks, from a ``torch.save``d masks file or from the ``lora_B.mask`` parameters
+  that its trainer registers (and a current PEFT saves with the adapter);
+- full weights beside the LoRA weights: ``modules_to_save``, the embeddings PEFT saves
+  when the vocabulary was resized for a pad token (``model.embed_tokens.weight``,
+  ``lm_head.weight``), the ``base_layer.weight`` of an adapted ``lm_head``. They become the
+  adapter's stored weights (``lori.checkpoint.install_adapter``): loaded into the model,
+  whose vocabulary is resized to theirs, frozen, and saved with the adapter;
+- dropout: the original code configures ``lora_dropout=0.05`` but sets every dropout's
+  ``p`` to 0 before training (``disable_dropout``), so an imported adapter trains with
+  dropout 0 unless ``dropout`` says otherwise (``dropout=None``: the file's
+  ``lora_dropout``).
+
+Refused, by name: DoRA, per-layer ranks or alphas, trained biases, Conv1D
+(``fan_in_fan_out``) layers, LoRA on embedding layers (``lora_embedding_A/B``: LoRI adapts
+``nn.Linear`` layers only). Neither direction needs ``peft`` installed.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 from torch import nn
 
-from lori.checkpoint import base_model_id
+from lori.checkpoint import B_DTYPES, base_model_id, install_adapter, stored_weights
 from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata, tensors_digest
 from lori.errors import CheckpointError
@@ -28,11 +43,11 @@ from lori.files import is_writer, read_json, recover, write_directory
 from lori.layer import LoRILinear
 from lori.masks import load_masks
 from lori.model import lori_layers
-from lori.updates import LayerUpdate, install
+from lori.updates import LayerUpdate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PEFT_CONFIG_FILE", "PEFT_TENSORS_FILE", "export_peft", "import_peft", "read_peft"]
+__all__ = ["PEFT_CONFIG_FILE", "PEFT_TENSORS_FILE", "export_peft", "import_peft", "read_peft", "read_peft_adapter"]
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSORS_FILE = "adapter_model.safetensors"
@@ -58,7 +73,10 @@ def export_peft(model: nn.Module, path: str | Path, *, dtype: torch.dtype = torc
     """Write the model's adapter as a PEFT LoRA adapter in the directory ``path`` (only
     PEFT's two files are replaced, crash-safely; a directory holding other files is
     refused): ``lora_A`` = A, ``lora_B`` = B dense (zeros outside the kept
-    blocks), ``lora_alpha`` = alpha, so PEFT computes the same ``scaling · B · A``."""
+    blocks), ``lora_alpha`` = alpha, so PEFT computes the same ``scaling · B · A``. Stored
+    weights are written as the original LoRI code's files hold them (full weights under
+    their names, ``base_layer`` for an adapted module), in the model's dtype: PEFT loads
+    them into a base model whose vocabulary has been resized to theirs."""
     config = getattr(model, "lori_config", None)
     layers = lori_layers(model)
     if config is None or not layers:
@@ -69,6 +87,10 @@ def export_peft(model: nn.Module, path: str | Path, *, dtype: torch.dtype = torc
             raise ValueError(f"{name} has scaling {layer.scaling}, the model's config {config.scaling}")
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.a().to(dtype).contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.b_dense().to(dtype).contiguous().cpu()
+    for name, value in stored_weights(model).items():
+        module, _, param = name.rpartition(".")
+        key = f"{module}.base_layer.{param}" if module in layers else name
+        tensors[f"{_PREFIX}{key}"] = value.contiguous().cpu()
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
@@ -140,7 +162,6 @@ def _check_peft_config(cfg, where: Path) -> None:
         "use_dora": "DoRA magnitudes",
         "rank_pattern": "per-layer ranks",
         "alpha_pattern": "per-layer alphas",
-        "modules_to_save": "fully trained modules",
         "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
     }
     for key, what in unsupported.items():
@@ -153,21 +174,57 @@ def _check_peft_config(cfg, where: Path) -> None:
         raise CheckpointError(f"{where} has a bad r or lora_alpha: r={r!r}, lora_alpha={alpha!r}")
 
 
-_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight")
+_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight")
+_MASK_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_B(?:\.default)?\.mask")
 
 
-def _pairs(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module name: {"A": lora_A, "B": lora_B}}`` from PEFT's tensor names."""
+def _split(tensors: dict[str, torch.Tensor], where: Path):
+    """PEFT's tensors by kind: ``{module: {"A": lora_A, "B": lora_B}}``, the original LoRI
+    trainer's ``lora_B.mask`` parameters ``{module: mask}`` and the full weights
+    ``{parameter name in the base model: tensor}``."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    masks, stored = {}, {}
     for key, value in tensors.items():
-        match = _KEY.fullmatch(key)
-        if match is None:
+        if match := _LORA_KEY.fullmatch(key):
+            pairs.setdefault(match[1], {})[match[2]] = value
+        elif match := _MASK_KEY.fullmatch(key):
+            masks[match[1]] = value
+        elif "lora_embedding_" in key:
+            raise CheckpointError(
+                f"{where} holds {key!r}: LoRA on an embedding layer, which LoRI cannot hold (it adapts nn.Linear "
+                "layers only)"
+            )
+        elif "lora_" in key:
             raise CheckpointError(f"{where} holds {key!r}, which is not a LoRA A or B weight")
-        pairs.setdefault(match[1], {})[match[2]] = value
+        else:
+            stored[key.removeprefix(_PREFIX).replace(".base_layer.", ".")] = value
     for name, pair in pairs.items():
         if len(pair) != 2:
             raise CheckpointError(f"{where} has lora_{next(iter(pair))} of {name} without its partner")
-    return pairs
+    return pairs, masks, stored
+
+
+def _file_masks(masks: dict[str, torch.Tensor], pairs: dict, where: Path) -> dict[str, torch.Tensor]:
+    """The ``lora_B.mask`` parameters as bool masks: one per adapted layer, 0 or 1."""
+    if set(masks) != set(pairs):
+        missing, extra = sorted(set(pairs) - set(masks)), sorted(set(masks) - set(pairs))
+        raise CheckpointError(
+            f"{where} has lora_B.mask for some layers only: missing for {missing[:3]}, without lora_B for {extra[:3]}"
+        )
+    for name, mask in masks.items():
+        if not ((mask == 0) | (mask == 1)).all():
+            raise CheckpointError(f"{where}: lora_B.mask of {name} holds values other than 0 and 1")
+    return {name: mask != 0 for name, mask in masks.items()}
+
+
+def _check_stored(stored: dict[str, torch.Tensor], cfg: dict, where: Path) -> None:
+    for name, value in stored.items():
+        if value.dtype not in B_DTYPES or not torch.isfinite(value).all():
+            raise CheckpointError(f"{where}: the full weight {name} must be finite float32/bf16/fp16/fp64 values")
+    modules = {name.rpartition(".")[0] for name in stored}
+    for entry in cfg.get("modules_to_save") or ():
+        if not any(m == entry or m.endswith(f".{entry}") for m in modules):
+            raise CheckpointError(f"{where} lists {entry!r} in modules_to_save but holds no weight of it")
 
 
 def read_peft(
@@ -175,12 +232,32 @@ def read_peft(
     masks: dict[str, torch.Tensor] | str | Path | None = None,
     *,
     block: tuple[int, int] | None = None,
+    dropout: float | None = 0.0,
 ) -> tuple[LoRIConfig, dict[str, LayerUpdate]]:
-    """A PEFT LoRA adapter directory as a ``LoRIConfig`` and per-layer updates with
-    stored A. ``masks`` (module name -> bool ``[out, r]``, or a masks file: ours or the
-    original LoRI's ``torch.save``d dict) marks the elements of B that train; B must be
-    zero outside them. Layers get the blocks covering their mask: ``block`` defaults to
-    (1, 1), element masks, with masks and to LoRI's default block without."""
+    """A PEFT LoRA adapter directory as a ``LoRIConfig`` and per-layer updates with stored
+    A. ``masks`` (module name -> bool ``[out, r]``, or a masks file: ours or the original
+    LoRI's ``torch.save``d dict) marks the elements of B that train, else the file's
+    ``lora_B.mask`` parameters do (both given: they must agree); B must be zero outside
+    them. Layers get the blocks covering their mask: ``block`` defaults to (1, 1), element
+    masks, with masks and to LoRI's default block without. ``dropout`` is the dropout the
+    adapter trains with (default 0, as the original LoRI code trains; None: the file's
+    ``lora_dropout``). Full weights in the file are not part of the updates: a warning
+    names them (``import_peft`` loads them)."""
+    config, updates, stored = read_peft_adapter(path, masks, block=block, dropout=dropout)
+    if stored:
+        log.warning("%s holds the full weights %s, which are not part of its layer updates", path, sorted(stored))
+    return config, updates
+
+
+def read_peft_adapter(
+    path: str | Path,
+    masks: dict[str, torch.Tensor] | str | Path | None = None,
+    *,
+    block: tuple[int, int] | None = None,
+    dropout: float | None = 0.0,
+) -> tuple[LoRIConfig, dict[str, LayerUpdate], dict[str, torch.Tensor]]:
+    """``read_peft``'s config and updates, and the adapter's full weights by parameter name
+    in the base model (for ``lori.checkpoint.install_adapter``)."""
     path = Path(path)
     config_file = path / PEFT_CONFIG_FILE
     recover(path)
@@ -190,12 +267,20 @@ def read_peft(
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     if isinstance(masks, (str, Path)):
         masks = load_masks(masks)
-    pairs = _pairs(_read_tensors(path, cfg), path)
+    pairs, file_masks, stored = _split(_read_tensors(path, cfg), path)
     if not pairs:
         raise CheckpointError(f"{path} holds no LoRA weights")
+    _check_stored(stored, cfg, path)
     if masks is not None and set(masks) != set(pairs):
         missing, extra = sorted(set(pairs) - set(masks)), sorted(set(masks) - set(pairs))
         raise CheckpointError(f"the masks do not fit {path}: missing for {missing[:3]}, unknown {extra[:3]}")
+    if file_masks:
+        file_masks = _file_masks(file_masks, pairs, path)
+        if masks is not None:
+            differ = [n for n in sorted(pairs) if not torch.equal(masks[n].cpu(), file_masks[n].to(masks[n].dtype))]
+            if differ:
+                raise CheckpointError(f"the masks given differ from {path}'s own lora_B.mask, first for {differ[0]}")
+        masks = file_masks
     block = block if block is not None else ((1, 1) if masks is not None else (32, min(r, 32)))
     updates = {}
     for name, pair in sorted(pairs.items()):
@@ -225,13 +310,16 @@ def read_peft(
     target_modules = cfg.get("target_modules")
     if not isinstance(target_modules, list) or not target_modules:
         target_modules = sorted({name.rsplit(".", 1)[-1] for name in updates})
+    file_dropout = cfg.get("lora_dropout") or 0.0
+    if dropout is None:
+        dropout = file_dropout
+    elif dropout != file_dropout:
+        log.info("%s: the adapter trains with dropout %g (its lora_dropout is %g)", path, dropout, file_dropout)
     try:
-        config = LoRIConfig(
-            r=r, alpha=scaling * r, target_modules=target_modules, block=block, dropout=cfg.get("lora_dropout") or 0.0
-        )
+        config = LoRIConfig(r=r, alpha=scaling * r, target_modules=target_modules, block=block, dropout=dropout)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{config_file}: {e}") from None
-    return config, updates
+    return config, updates, stored
 
 
 def import_peft(
@@ -240,11 +328,14 @@ def import_peft(
     masks: dict[str, torch.Tensor] | str | Path | None = None,
     *,
     block: tuple[int, int] | None = None,
+    dropout: float | None = 0.0,
     backend: str = "auto",
 ) -> nn.Module:
     """Load a PEFT LoRA adapter (see ``read_peft``) into a model without adapters, as
-    ``LoRILinear``s with stored A; the model is unchanged on any error."""
-    config, updates = read_peft(path, masks, block=block)
-    install(model, config, updates, backend=backend)
-    log.info("imported %d layers from the PEFT adapter %s", len(updates), path)
+    ``LoRILinear``s with stored A, and its full weights as the adapter's stored weights
+    (``install_adapter``: the vocabulary resized to theirs); the model is unchanged on
+    any error."""
+    config, updates, stored = read_peft_adapter(path, masks, block=block, dropout=dropout)
+    install_adapter(model, config, updates, stored, where=path, backend=backend)
+    log.info("imported %d layers and %d full weights from the PEFT adapter %s", len(updates), len(stored), path)
     return model

@@ -1,26 +1,84 @@
-"""Compact checkpoints: round trips, size, and a loader that refuses bad files cleanly."""
+"""Compact checkpoints: round trips, size, the stored forms of the kept blocks (format 2)
+and format 1 files, and a loader that refuses bad files cleanly."""
 
+import hashlib
 import json
 import random
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_model import TINY, randomize_b, tiny_model
 
 import lori
 from lori import LoRIConfig
-from lori.checkpoint import CONFIG_FILE, TENSORS_FILE, CheckpointError, load_lori, read_lori, save_lori
+from lori.checkpoint import (
+    BINDING_KEY,
+    CONFIG_FILE,
+    INDEX_ENCODINGS,
+    TENSORS_FILE,
+    CheckpointError,
+    decode_b_blocks,
+    encode_b_blocks,
+    load_lori,
+    read_lori,
+    save_lori,
+)
+from lori.digests import json_digest
 from lori.masks import extract_masks
 
 
-def saved(tmp_path, sparsity=None, seed=3):
-    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=seed))
+def saved(tmp_path, sparsity=None, seed=3, block=(16, 8)):
+    """A tiny Llama's adapter (random B; LoRI-S under extracted masks with ``sparsity``)
+    and the directory it was saved to."""
+    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=block, seed=seed))
     randomize_b(model)
     if sparsity is not None:
         masks = extract_masks(model, sparsity)
-        model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=seed), masks=masks)
+        model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=block, seed=seed), masks=masks)
         randomize_b(model, seed=2)
     return model, save_lori(model, tmp_path / "adapter")
+
+
+def rewrite(path, mutate, *, bind=True):
+    """Edit a checkpoint's tensors and manifest in place (``mutate(tensors, manifest)``) and
+    save both with matching checksums: bound to each other (``bind``), or as written before
+    config checksums existed."""
+    tensors = load_file(path / TENSORS_FILE)
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    manifest.pop("adapter_sha256")
+    mutate(tensors, manifest)
+    save_file(tensors, path / TENSORS_FILE, metadata={BINDING_KEY: json_digest(manifest)} if bind else None)
+    manifest["adapter_sha256"] = hashlib.sha256((path / TENSORS_FILE).read_bytes()).hexdigest()
+    (path / CONFIG_FILE).write_text(json.dumps(manifest))
+
+
+def to_format_1(tensors, manifest):
+    """A format-2 checkpoint as format 1 wrote it: every layer's blocks as int32 pairs."""
+    config = LoRIConfig.from_dict(manifest["config"])
+    manifest["format_version"] = 1
+    assert not manifest.pop("stored")
+    for name, info in manifest["layers"].items():
+        encoding = info.pop("b_blocks")
+        data = tensors.pop(f"{name}.{INDEX_ENCODINGS[encoding]}")
+        out = info["shape"][0]
+        tensors[f"{name}.b_blocks"] = decode_b_blocks(encoding, data, info["nnz"], out, config.r, config.block)
+
+
+def recode(name, encoding, damage=None):
+    """A ``rewrite`` mutation storing layer ``name``'s blocks as ``encoding``, its bytes
+    then changed by ``damage``."""
+
+    def mutate(tensors, manifest):
+        info = manifest["layers"][name]
+        config = LoRIConfig.from_dict(manifest["config"])
+        old = info["b_blocks"]
+        out, data = info["shape"][0], tensors.pop(f"{name}.{INDEX_ENCODINGS[old]}")
+        b_blocks = decode_b_blocks(old, data, info["nnz"], out, config.r, config.block)
+        info["b_blocks"], data = encode_b_blocks(b_blocks, out, config.r, config.block, encoding)
+        tensors[f"{name}.{INDEX_ENCODINGS[encoding]}"] = damage(data) if damage else data
+
+    return mutate
 
 
 def logits(model):
@@ -52,17 +110,20 @@ def test_load_into_a_model_with_the_same_adapter_and_seed_follows_the_file(tmp_p
 
 def test_tensor_file_holds_only_seeds_and_blocks(tmp_path):
     model, path = saved(tmp_path, 0.9)
-    _, per_layer = read_lori(path)
+    per_layer = read_lori(path).layers
     assert set(per_layer) == set(lori.lori_layers(model))
     manifest = json.loads((path / CONFIG_FILE).read_text())
-    assert manifest["rng"] == "lori-rng-v1" and manifest["format_version"] == 1
-    assert manifest["config"]["r"] == 8 and manifest["base_model"]["fingerprint"]
+    assert manifest["rng"] == "lori-rng-v1" and manifest["format_version"] == 2
+    assert manifest["config"]["r"] == 8 and manifest["base_model"]["fingerprint"] and manifest["stored"] == {}
+    kinds = {name.rsplit(".", 1)[1] for name in load_file(path / TENSORS_FILE)}
+    assert kinds <= {"seed", "b_values", *INDEX_ENCODINGS.values()}
 
 
-def test_size_against_peft_lora_at_llama_proportions(tmp_path):
+@pytest.mark.parametrize("block, target", [((32, 32), 0.055), ((1, 1), 0.085)])
+def test_size_against_peft_lora_at_llama_proportions(tmp_path, block, target):
     """r 32, 90% sparsity, a model with Llama-3-8B's proportions (hidden : intermediate :
     kv = 4096 : 14336 : 1024) scaled down 4x: the checkpoint is at most 5.5% of PEFT LoRA's
-    adapter (A and B dense; fp32 both)."""
+    adapter (A and B dense; fp32 both) with blocks, 8.5% with element masks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -74,14 +135,82 @@ def test_size_against_peft_lora_at_llama_proportions(tmp_path):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32))
+    model = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32, block=block))
     randomize_b(model)
     masks = extract_masks(model, 0.9)
-    lori_s = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32), masks=masks)
+    lori_s = lori.get_lori_model(LlamaForCausalLM(config), LoRIConfig(r=32, block=block), masks=masks)
     path = save_lori(lori_s, tmp_path / "adapter")
     ours = sum(f.stat().st_size for f in path.iterdir())
     peft_bytes = 4 * sum(32 * (layer.in_features + layer.out_features) for layer in lori.lori_layers(lori_s).values())
-    assert ours <= 0.055 * peft_bytes, f"{ours} bytes = {ours / peft_bytes:.2%} of PEFT's {peft_bytes}"
+    assert ours <= target * peft_bytes, f"{ours} bytes = {ours / peft_bytes:.2%} of PEFT's {peft_bytes}"
+
+
+@pytest.mark.parametrize(
+    "sparsity, encodings",
+    [(None, {"bitmap"}), (0.5, {"bitmap"}), (0.9, {"deltas"}), (0.995, {"deltas", "pairs"})],
+)
+def test_element_masks_are_stored_compactly_and_round_trip(tmp_path, sparsity, encodings):
+    """Block (1, 1), the original LoRI's element masks: each layer's kept elements are
+    stored as a bitmap or as gaps, whichever is smaller (pairs when only a few are kept),
+    and decode to exactly the model's ``b_blocks``."""
+    model, path = saved(tmp_path, sparsity, block=(1, 1))
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    assert {info["b_blocks"] for info in manifest["layers"].values()} <= encodings
+    tensors = load_file(path / TENSORS_FILE)
+    kept = sum(info["nnz"] for info in manifest["layers"].values())
+    index_bytes = sum(t.nbytes for name, t in tensors.items() if name.endswith(("b_bitmap", "b_deltas", "b_blocks")))
+    assert index_bytes <= 8 * kept
+    if sparsity == 0.9:
+        assert index_bytes < 1.01 * kept  # one byte per kept value, hardly any escapes
+    loaded = load_lori(tiny_model(), path)
+    for name, layer in lori.lori_layers(loaded).items():
+        assert torch.equal(layer.b_blocks, lori.lori_layers(model)[name].b_blocks)
+        assert torch.equal(layer.b_values, lori.lori_layers(model)[name].b_values)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+
+
+def keys_cases():
+    """(grid size, kept keys): empty, full, ends, gaps around the escape (255), long runs
+    of escapes, grids that are not a multiple of 8."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(13, []), (13, list(range(13))), (1, [0]), (9, [8]), (600, [0, 599]), (600, [599])]
+    cases += [(2000, [254, 254 + 256, 254 + 512, 254 + 768]), (2000, [255, 511, 767]), (2000, [256, 1999])]
+    cases += [(100_003, sorted(torch.randperm(100_003, generator=g)[:n].tolist())) for n in (1, 40, 10_000, 60_000)]
+    return cases
+
+
+@pytest.mark.parametrize("encoding", list(INDEX_ENCODINGS))
+def test_every_stored_form_of_the_kept_blocks_decodes_exactly(encoding):
+    for n, keys in keys_cases():
+        for out, r, block in ((n, 1, (1, 1)), (n * 4, 8, (4, 8)), (n * 2 - 1, 4, (2, 2))):
+            n_cols = r // block[1]
+            if n % n_cols:
+                continue
+            keys_t = torch.tensor(keys, dtype=torch.int64)
+            b_blocks = torch.stack([keys_t // n_cols, keys_t % n_cols], dim=1).to(torch.int32).reshape(-1, 2)
+            chosen, data = encode_b_blocks(b_blocks, out, r, block, encoding)
+            assert chosen == encoding
+            back = decode_b_blocks(encoding, data, len(keys), out, r, block)
+            assert back.dtype == torch.int32 and torch.equal(back, b_blocks), (n, keys[:5], block)
+            _, best = encode_b_blocks(b_blocks, out, r, block)
+            assert best.nbytes <= data.nbytes
+
+
+def test_checkpoints_of_format_1_still_load(tmp_path, caplog):
+    """Format 1 (every layer's blocks as int32 pairs, no stored weights) loads as it did,
+    bound or from before config checksums; saving again writes format 2."""
+    model, path = saved(tmp_path, 0.9, block=(1, 1))
+    rewrite(path, to_format_1)
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    assert manifest["format_version"] == 1 and "stored" not in manifest
+    assert all(name.endswith(("seed", "b_values", "b_blocks")) for name in load_file(path / TENSORS_FILE))
+    loaded = load_lori(tiny_model(), path)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    rewrite(path, lambda t, m: None, bind=False)
+    torch.testing.assert_close(logits(load_lori(tiny_model(), path)), logits(model), rtol=0, atol=0)
+    assert "predates config checksums" in caplog.text
+    save_lori(loaded, path)
+    assert json.loads((path / CONFIG_FILE).read_text())["format_version"] == 2
 
 
 def test_wrong_base_model_and_mismatched_adapters(tmp_path):
@@ -100,7 +229,8 @@ def test_wrong_base_model_and_mismatched_adapters(tmp_path):
 
 
 def corrupt_cases(path):
-    """(description, function that damages the checkpoint at path, expected message)."""
+    """(description, function that damages the checkpoint at path, expected message). The
+    first layer of a dense adapter with block (16, 8) has 4 blocks, stored as a bitmap."""
     tensors = path / TENSORS_FILE
     config = path / CONFIG_FILE
     manifest = json.loads(config.read_text())
@@ -119,52 +249,64 @@ def corrupt_cases(path):
     def pickle_instead():
         torch.save({"x": torch.ones(2)}, tensors)
 
-    def resave(mutate):
+    def resave(*mutations):
         def run():
-            import hashlib
-
-            from safetensors.torch import load_file, save_file
-
-            t = load_file(tensors)
-            mutate(t)
-            save_file(t, tensors)
-            config.write_text(
-                json.dumps({**manifest, "adapter_sha256": hashlib.sha256(tensors.read_bytes()).hexdigest()})
-            )
+            for mutate in mutations:
+                rewrite(path, mutate)
 
         return run
 
+    def tensor(name, change):
+        return lambda t, m: change(t, t[name])
+
     first = next(iter(manifest["layers"]))
-    return [
+    index, values, layer = f"{first}.b_blocks", f"{first}.b_values", manifest["layers"][first]
+    assert (layer["b_blocks"], layer["nnz"]) == ("bitmap", 4)
+
+    def stored_as(encoding, damage):
+        return resave(recode(first, encoding, damage))
+
+    def grow(data, *values):
+        return torch.cat([data, data.new_tensor(values)])
+
+    common = [
         ("missing tensors", lambda: tensors.unlink(), "adapter.safetensors is missing"),
         ("garbage json", lambda: config.write_text("{not json"), "is not valid JSON"),
         ("foreign json", lambda: config.write_text(json.dumps({"peft_type": "LORA"})), "is not a LoRI adapter config"),
-        ("future version", edit(format_version=2), "format version 2"),
+        ("future version", edit(format_version=3), "format version 3"),
         ("other rng", edit(rng="lori-rng-v2"), "needs the generator 'lori-rng-v2'"),
         ("bad config", edit(config={**manifest["config"], "r": 0}), "bad LoRI config"),
         ("truncated", truncate, "truncated or corrupted"),
         ("bit flip", flip, "truncated or corrupted"),
         ("pickle", pickle_instead, "truncated or corrupted"),
-        ("nan", resave(lambda t: t[f"{first}.b_values"].view(-1).__setitem__(0, float("nan"))), "NaN or Inf"),
-        ("block out of range", resave(lambda t: t[f"{first}.b_blocks"].__setitem__((0, 0), 99)), "out of range"),
-        (
-            "duplicate block",
-            resave(lambda t: t[f"{first}.b_blocks"].__setitem__(1, t[f"{first}.b_blocks"][0].clone())),
-            "duplicated",
-        ),
-        ("seed dtype", resave(lambda t: t.update({f"{first}.seed": t[f"{first}.seed"].int()})), "must be one int64"),
-        ("b_blocks dtype", resave(lambda t: t.update({f"{first}.b_blocks": t[f"{first}.b_blocks"].long()})), "int32"),
-        (
-            "extra tensor",
-            resave(lambda t: t.update({"lm_head.weight": torch.zeros(2)})),
-            "unexpected \\['lm_head.weight'\\]",
-        ),
-        ("missing tensor", resave(lambda t: t.pop(f"{first}.b_values")), "missing"),
-        (
-            "wrong block shape",
-            resave(lambda t: t.update({f"{first}.b_values": t[f"{first}.b_values"][:, :8].contiguous()})),
-            "b_values must have shape",
-        ),
+        ("nan", resave(tensor(values, lambda t, v: v.view(-1).__setitem__(0, float("nan")))), "NaN or Inf"),
+        ("seed dtype", resave(lambda t, m: t.update({f"{first}.seed": t[f"{first}.seed"].int()})), "must be one int64"),
+        ("extra tensor", resave(lambda t, m: t.update({"lm_head.weight": torch.zeros(2)})), "unexpected \\['lm_head"),
+        ("missing tensor", resave(lambda t, m: t.pop(values)), "missing"),
+        ("wrong block shape", resave(lambda t, m: t.update({values: t[values][:, :8].clone()})), "must have shape"),
+        ("kept count", resave(lambda t, m: m["layers"][first].update(nnz=3)), "config says 3"),
+        ("unknown encoding", resave(lambda t, m: m["layers"][first].update(b_blocks="rle")), "blocks as 'rle'"),
+        # The bitmap of 4 blocks: one byte, bits 0-3 used.
+        ("bitmap past the grid", stored_as("bitmap", lambda d: d | 0x80), "sets bits past the grid"),
+        ("bitmap length", stored_as("bitmap", lambda d: grow(d, 0)), "must have 1 bytes"),
+        ("bitmap dtype", stored_as("bitmap", lambda d: d.to(torch.int8)), "must be a 1-D uint8 tensor"),
+        ("bitmap count", stored_as("bitmap", lambda d: d & 0x7), "holds 3 kept blocks"),
+        # Gaps 0, 0, 0, 0: one byte each.
+        ("deltas escape", stored_as("deltas", lambda d: grow(d, 255)), "ends inside a gap"),
+        ("deltas past the grid", stored_as("deltas", lambda d: grow(d[:3], 1)), "past the grid"),
+        ("deltas count", stored_as("deltas", lambda d: d[:3]), "holds 3 kept blocks"),
+        ("deltas shape", stored_as("deltas", lambda d: d.reshape(2, 2)), "must be a 1-D uint8 tensor"),
+    ]  # fmt: skip
+    pairs = [  # damage to b_blocks, stored as int32 pairs: in format 1, or by choice in format 2
+        ("block out of range", tensor(index, lambda t, v: v.__setitem__((0, 0), 99)), "out of range"),
+        ("duplicate block", tensor(index, lambda t, v: v.__setitem__(1, v[0].clone())), "duplicated"),
+        ("unsorted blocks", tensor(index, lambda t, v: v.copy_(v.flip(0))), "not sorted"),
+        ("b_blocks dtype", lambda t, m: t.update({index: t[index].long()}), "int32"),
+    ]
+    return common + [
+        (f"{name}, format {version}", resave(*before, damage), message)
+        for version, before in ((1, [to_format_1]), (2, [recode(first, "pairs")]))
+        for name, damage, message in pairs
     ]
 
 

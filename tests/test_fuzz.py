@@ -117,17 +117,41 @@ def fuzz(target, files: list[str], load, named_by: str, seed: int) -> int:
     return refused
 
 
-def adapter_model(sparsity=0.5):
-    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=3))
+def adapter_model(sparsity=0.5, block=(16, 8)):
+    """A tiny Llama's LoRI-S adapter (LoRI-D with ``sparsity`` None) and its masks."""
+    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=block, seed=3))
     randomize_b(model)
+    if sparsity is None:
+        return model, None
     masks = lori.extract_masks(model, sparsity)
-    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=(16, 8), seed=3), masks=masks)
+    model = lori.get_lori_model(tiny_model(), LoRIConfig(r=8, block=block, seed=3), masks=masks)
     randomize_b(model, seed=2)
     return model, masks
 
 
-def test_fuzzed_lori_adapters(tmp_path):
-    path = lori.save_lori(adapter_model()[0], tmp_path / "adapter")
+def imported_original_adapter(tmp_path):
+    """The original LoRI code's adapter (resized vocabulary, lora_B.mask) imported: element
+    masks and the embeddings as stored weights."""
+    from test_peft_interop import original_lori_adapter
+
+    original_lori_adapter(tmp_path / "original", "resized vocabulary")
+    return lori.import_peft(tiny_model(), tmp_path / "original")
+
+
+ADAPTERS = {
+    "blocks": lambda tmp_path: adapter_model()[0],
+    "element masks as gaps": lambda tmp_path: adapter_model(0.9, (1, 1))[0],
+    "element masks as bitmaps": lambda tmp_path: adapter_model(None, (1, 1))[0],
+    "stored weights": imported_original_adapter,
+}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+def test_fuzzed_lori_adapters(tmp_path, kind):
+    path = lori.save_lori(ADAPTERS[kind](tmp_path), tmp_path / "adapter")
+    encodings = {info["b_blocks"] for info in json.loads((path / "lori_config.json").read_text())["layers"].values()}
+    assert kind != "element masks as gaps" or encodings == {"deltas"}
+    assert kind != "element masks as bitmaps" or encodings == {"bitmap"}
     refused = fuzz(path, ["lori_config.json", "adapter.safetensors"], read_lori, str(path), seed=0)
     assert refused > TRIALS  # most damage is seen (an edit to JSON whitespace is not)
 

@@ -1,5 +1,6 @@
 """PEFT LoRA adapters in and out: export loads in PEFT with the same outputs, import keeps
-PEFT's (and the original LoRI code's) adapters working, round trips both ways."""
+PEFT's (and the original LoRI code's, as it writes them) adapters working, round trips both
+ways."""
 
 import json
 
@@ -11,14 +12,17 @@ from test_model import randomize_b, tiny_model
 
 import lori
 from lori import LoRIConfig
+from lori.checkpoint import CONFIG_FILE, TENSORS_FILE
 from lori.peft_interop import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE
 
 IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+PAD = 97  # the pad token the original LoRI code adds to a tokenizer without one
+IDS_PAD = torch.cat([IDS, torch.full((2, 2), PAD)], dim=1)
 
 
-def logits(model):
+def logits(model, ids=IDS):
     with torch.no_grad():
-        return model(IDS).logits
+        return model(ids).logits
 
 
 def lori_s_model(sparsity=0.75, seed=3):
@@ -142,7 +146,11 @@ def test_bad_peft_adapters_are_refused_and_the_model_is_untouched(tmp_path):
         (variant("r", {"r": 4}), "do not fit r=4"),
         (variant("nan", tensor_changes={key_b: nan_b}), "NaN or Inf"),
         (variant("alone", drop=(key_b,)), "without its partner"),
-        (variant("foreign", tensor_changes={"base_model.model.lm_head.weight": torch.ones(2)}), "not a LoRA A or B"),
+        (variant("foreign", tensor_changes={f"{key_b[:-14]}.lora_C.weight": torch.ones(2)}), "not a LoRA A or B"),
+        (
+            variant("full", tensor_changes={"base_model.model.lm_head.weight": torch.ones(2)}),
+            r"lm_head.weight is \[97, 64\] in the model but \[2\]",
+        ),
     ]
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -171,3 +179,180 @@ def test_bad_peft_adapters_are_refused_and_the_model_is_untouched(tmp_path):
     assert not hasattr(model, "lori_config") and not lori.lori_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def resized_base(vocab=PAD + 1):
+    """The tiny Llama as the original LoRI code prepares it: vocabulary grown by a pad token."""
+    model = tiny_model()
+    if vocab != PAD:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+    return model
+
+
+ORIGINAL_VARIANTS = {
+    # A current PEFT saves the resized embeddings beside the adapter (save_embedding_layers).
+    "resized vocabulary": dict(save_embedding_layers=True),
+    # PEFT 0.12 (the original's) leaves lora_B.mask out: the masks come from extract_mask.py's file.
+    "PEFT 0.12, masks file": dict(save_embedding_layers=True, mask_keys=False),
+    "modules_to_save": dict(modules_to_save=["embed_tokens", "lm_head"]),
+    # LoRA on lm_head too: PEFT saves lm_head.base_layer.weight (and not the input embeddings:
+    # with a resized vocabulary such a file lacks the pad token's embedding, and is refused).
+    "lm_head adapted": dict(target_modules=[*lori.DEFAULT_TARGET_MODULES, "lm_head"], vocab=PAD),
+}
+
+
+def original_lori_adapter(path, variant, *, sparsity=0.9, seed=5, vocab=None):
+    """A LoRI-S adapter as the original LoRI code writes it, built with peft: LoRA (r 8) on
+    a tiny Llama whose vocabulary grew by a pad token, B zero outside element masks that
+    its trainer registers as ``lora_B.mask`` parameters (float 0/1), saved with
+    ``save_pretrained`` (or, ``mask_keys=False``, ``torch.save``d beside it as
+    ``masks.pt``). Returns the PeftModel and its masks by module name."""
+    options = dict(ORIGINAL_VARIANTS[variant])
+    save_embedding_layers = options.pop("save_embedding_layers", "auto")
+    mask_keys = options.pop("mask_keys", True)
+    default_vocab = options.pop("vocab", PAD + 1)
+    vocab = default_vocab if vocab is None else vocab
+    options.setdefault("target_modules", list(lori.DEFAULT_TARGET_MODULES))
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, **options)
+    model = peft.get_peft_model(resized_base(vocab), config).eval()
+    g = torch.Generator().manual_seed(seed)
+    masks, modules = {}, dict(model.named_modules())
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B.default.weight"):
+            mask = torch.rand(p.shape, generator=g) >= sparsity
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1 * mask)
+            if mask_keys:
+                modules[name.rsplit(".", 2)[0]].mask = torch.nn.Parameter(mask.float(), requires_grad=False)
+            masks[name.removeprefix("base_model.model.").removesuffix(".lora_B.default.weight")] = mask
+    if variant == "modules_to_save":  # trained copies of the embeddings
+        for name, p in model.named_parameters():
+            if "modules_to_save.default" in name:
+                p.data.add_(torch.randn(p.shape, generator=g) * 0.01)
+    model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
+    if not mask_keys:
+        torch.save({f"base_model.model.{n}.lora_B.default.weight": m for n, m in masks.items()}, path / "masks.pt")
+    return model, masks
+
+
+@pytest.mark.parametrize("variant", list(ORIGINAL_VARIANTS))
+def test_original_lori_adapters_as_written_import_with_peft_outputs(tmp_path, variant):
+    """The original code's files: full embeddings (resized vocabulary, modules_to_save, an
+    adapted lm_head's base_layer) and lora_B.mask parameters. The import gives PeftModel's
+    logits (pad token included), keeps the masks, saves and loads with the embeddings as
+    stored weights in their dtype, and exports back to a PEFT adapter PEFT loads."""
+    theirs, masks = original_lori_adapter(tmp_path / "peft", variant)
+    vocab = theirs.get_input_embeddings().weight.shape[0]
+    ids = IDS_PAD if vocab > PAD else IDS
+    stored_names = ("lm_head.weight", "model.embed_tokens.weight") if vocab > PAD else ("lm_head.weight",)
+    tensors = load_file(tmp_path / "peft" / PEFT_TENSORS_FILE)
+    masks_file = tmp_path / "peft" / "masks.pt"
+    assert any(k.endswith("lora_B.mask") for k in tensors) != masks_file.exists()
+    reference = logits(peft.PeftModel.from_pretrained(resized_base(vocab), tmp_path / "peft").eval(), ids)
+    torch.testing.assert_close(logits(theirs, ids), reference, rtol=0, atol=0)
+
+    ours = lori.import_peft(tiny_model(), tmp_path / "peft", masks_file if masks_file.exists() else None)
+    assert ours.lori_stored == stored_names
+    assert ours.config.vocab_size == vocab and ours.lori_config.dropout == 0.0
+    layers = lori.lori_layers(ours)
+    assert set(layers) == set(masks) and all(layer.block == (1, 1) for layer in layers.values())
+    assert all(torch.equal(layer.mask(), masks[name]) for name, layer in layers.items())
+    torch.testing.assert_close(logits(ours, ids), reference, rtol=1e-5, atol=1e-5)
+
+    lori.save_lori(ours, tmp_path / "lori")
+    manifest = json.loads((tmp_path / "lori" / CONFIG_FILE).read_text())
+    assert manifest["stored"] == {name: {"shape": [vocab, 64]} for name in stored_names}
+    saved = load_file(tmp_path / "lori" / TENSORS_FILE)
+    assert saved["lm_head.weight"].dtype == torch.float32
+    assert torch.equal(saved["lm_head.weight"], tensors[next(k for k in tensors if "lm_head" in k and "lora" not in k)])
+    again = lori.load_lori(tiny_model(), tmp_path / "lori")  # a base model of the original vocabulary
+    torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=0, atol=0)
+    lori.save_lori(again, tmp_path / "again")
+    twice = load_file(tmp_path / "again" / TENSORS_FILE)
+    assert twice.keys() == saved.keys() and all(torch.equal(twice[k], saved[k]) for k in saved)
+
+    lori.export_peft(again, tmp_path / "export")
+    exported = peft.PeftModel.from_pretrained(resized_base(vocab), tmp_path / "export").eval()
+    torch.testing.assert_close(logits(exported, ids), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_an_imported_adapter_trains_without_dropout_unless_asked(tmp_path, caplog):
+    """The original code sets lora_dropout=0.05 but zeroes every dropout before training."""
+    original_lori_adapter(tmp_path / "peft", "resized vocabulary")
+    caplog.set_level("INFO")
+    assert lori.import_peft(tiny_model(), tmp_path / "peft").lori_config.dropout == 0.0
+    assert "trains with dropout 0 (its lora_dropout is 0.05)" in caplog.text
+    assert lori.import_peft(tiny_model(), tmp_path / "peft", dropout=None).lori_config.dropout == 0.05
+    assert lori.import_peft(tiny_model(), tmp_path / "peft", dropout=0.1).lori_config.dropout == 0.1
+
+
+def test_original_adapters_that_cannot_be_imported_are_refused_by_name(tmp_path):
+    """Each refusal names its cause; the model (its vocabulary too) is untouched."""
+    original_lori_adapter(tmp_path / "good", "resized vocabulary")
+    config = json.loads((tmp_path / "good" / PEFT_CONFIG_FILE).read_text())
+    tensors = load_file(tmp_path / "good" / PEFT_TENSORS_FILE)
+    mask_key = next(k for k in tensors if k.endswith("lora_B.mask"))
+
+    def variant(name, config_changes=None, tensor_changes=None, drop=()):
+        d = tmp_path / name
+        d.mkdir()
+        (d / PEFT_CONFIG_FILE).write_text(json.dumps({**config, **(config_changes or {})}))
+        t = {k: v for k, v in {**tensors, **(tensor_changes or {})}.items() if k not in drop}
+        save_file(t, d / PEFT_TENSORS_FILE)
+        return d
+
+    peft.get_peft_model(
+        resized_base(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"])
+    ).save_pretrained(tmp_path / "embedding_lora")
+    original_lori_adapter(tmp_path / "lm_head", "lm_head adapted", vocab=PAD + 1)
+    cases = [
+        (tmp_path / "embedding_lora", "LoRA on an embedding layer, which LoRI cannot hold"),
+        (tmp_path / "lm_head", "does not store both the input and the output"),
+        (variant("half", drop=("base_model.model.lm_head.weight",)), "does not store both the input and the output"),
+        (variant("masks", drop=(mask_key,)), "has lora_B.mask for some layers only"),
+        (variant("values", tensor_changes={mask_key: tensors[mask_key] * 2}), "values other than 0 and 1"),
+        (variant("mts", {"modules_to_save": ["score"]}), "lists 'score' in modules_to_save but holds no weight"),
+        (
+            variant("unknown", tensor_changes={"base_model.model.model.norm2.weight": torch.ones(64)}),
+            "holds the weight model.norm2.weight, which the model does not have",
+        ),
+        (
+            variant("shape", tensor_changes={"base_model.model.model.norm.weight": torch.ones(65)}),
+            r"model.norm.weight is \[64\] in the model but \[65\]",
+        ),
+    ]
+    # Resized first, then refused by the adapter's layers: the resize is undone.
+    narrow = tiny_model()
+    narrow.model.layers[1].self_attn.q_proj = torch.nn.Linear(64, 32, bias=False)
+    cases.append((tmp_path / "good", r"q_proj is \[32, 64\] in the model but \[64, 64\]", narrow))
+    for path, message, *model in cases:
+        model = model[0] if model else tiny_model()
+        embeddings = model.get_input_embeddings().weight
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=message):
+            lori.import_peft(model, path)
+        assert model.get_input_embeddings().weight is embeddings and model.config.vocab_size == PAD
+        assert model.get_output_embeddings().out_features == PAD and not hasattr(model, "lori_stored")
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Masks given beside the file's own must be the same.
+    _, masks = original_lori_adapter(tmp_path / "other", "resized vocabulary", seed=6)
+    with pytest.raises(ValueError, match="differ from .*'s own lora_B.mask"):
+        lori.import_peft(tiny_model(), tmp_path / "good", masks=masks)
+
+
+def test_layer_updates_alone_name_the_stored_weights_they_leave_out(tmp_path, caplog):
+    """merge and continual learning read layer updates only (read_peft, read_lori_updates):
+    a warning names the stored weights they do not carry; the *_adapter readers return them."""
+    from lori.checkpoint import read_lori_adapter, read_lori_updates
+    from lori.peft_interop import read_peft, read_peft_adapter
+
+    original_lori_adapter(tmp_path / "peft", "resized vocabulary")
+    names = ["lm_head.weight", "model.embed_tokens.weight"]
+    updates = read_peft(tmp_path / "peft")[1]
+    assert f"holds the full weights {names}" in caplog.text
+    assert sorted(read_peft_adapter(tmp_path / "peft")[2]) == names
+    lori.save_lori(lori.import_peft(tiny_model(), tmp_path / "peft"), tmp_path / "lori")
+    caplog.clear()
+    assert read_lori_updates(tmp_path / "lori")[1].keys() == updates.keys()
+    assert f"stores the full weights {names}" in caplog.text
+    _, _, stored = read_lori_adapter(tmp_path / "lori", base=tiny_model())  # the base before the resize
+    assert sorted(stored) == names and stored["lm_head.weight"].shape == (PAD + 1, 64)
