@@ -41,6 +41,14 @@ def _pair(text: str) -> tuple[int, int]:
     return bo, br
 
 
+def _mesh(text: str) -> tuple[int, int]:
+    try:
+        replicate, shard = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'replicate x shard' (e.g. 8x8), got {text!r}") from None
+    return replicate, shard
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n for n in text.split(",") if n)
 
@@ -87,6 +95,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str
             kind = next((t for t in (int, float, str) if t in args), None)
         if f.name == "block":
             kind = _pair
+        elif f.name == "mesh":
+            kind = _mesh
         elif f.name == "target_modules":
             kind = _names
         if type(None) in args and kind is not None:
@@ -107,7 +117,14 @@ def _train(args: argparse.Namespace) -> int:
     from lori.config import LoRIConfig
     from lori.train import TrainConfig, train
 
-    result = train(TrainConfig.from_recipe(args.recipe, adapter=_given(LoRIConfig, args), **_given(TrainConfig, args)))
+    cfg = TrainConfig.from_recipe(args.recipe, adapter=_given(LoRIConfig, args), **_given(TrainConfig, args))
+    if args.plan:
+        from lori.train.plan import memory_plan
+
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(memory_plan(cfg, world_size, gpu_memory=args.gpu_memory).table())
+        return 0
+    result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("lori").info(
             "final loss %.4f after %d steps; adapter at %s", result["losses"][-1], result["steps"], result["adapter"]
@@ -246,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "masks, constant lr, per-tensor clipping, sequence-averaged loss; see README) (default: lori)",
     )
     _add_dataclass_options(train, TrainConfig)
+    train.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory one rank would hold (the model built on meta from its config.json: no weights or data "
+        "read) and exit",
+    )
+    train.add_argument("--world-size", type=int, default=None, help="ranks for --plan (default: $WORLD_SIZE or 1)")
+    train.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: --plan says whether it fits")
     train.set_defaults(run=_train)
 
     masks = commands.add_parser("extract-masks", help="masks of a trained adapter by global top-k of block norms")

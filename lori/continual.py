@@ -71,13 +71,14 @@ def stack_adapter(
     *,
     dropout: float = 0.0,
     backend: str = "auto",
+    device: torch.device | str | None = None,
 ) -> FrozenBlocks:
     """Give ``model`` (without adapters) the adapter at ``init_adapter`` (its seeds, r,
     block), widened by ``masks`` (module name -> bool ``[out, r]`` of whole blocks): the
     masks' blocks train, starting from the loaded values (zero where the adapter had no
     block); every other block is frozen. Without masks every block trains. Returns the
     frozen blocks' keeper for the training loop. The adapter must have been trained on
-    ``model``."""
+    ``model``; its tensors live on ``device`` (default: the base weights')."""
     config, updates = read_lori_updates(init_adapter, base=model)
     config = dataclasses.replace(config, dropout=dropout)
     if masks is not None and set(masks) != set(updates):
@@ -95,7 +96,7 @@ def stack_adapter(
         except ValueError as e:
             raise ValueError(f"mask of {name}: {e} (the adapter's block is {u.block})") from None
         updates[name] = dataclasses.replace(u, mask=u.mask | mask)
-    install(model, config, updates, backend=backend)
+    install(model, config, updates, backend=backend, device=device)
     trainable = {}
     for name, layer in lori_layers(model).items():
         blocks = layer.b_blocks.cpu()

@@ -69,7 +69,10 @@ def get_lori_model(
     model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
     only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
     comes from ``layer_seed(config.seed, name)``. The adapters live on ``device`` (default:
-    each base weight's)."""
+    each base weight's). On a ``meta`` base the adapters are built without data (the
+    masks' kept blocks are found where the masks are): their seed, kept blocks and values
+    then come with a state dict (``load_state_dict``, or broadcast from rank 0 as
+    ``lori train`` does); ``device="cpu"`` keeps real adapters over a meta base."""
     check_no_adapter(model)
     targets = _targets(model, config)
     if not targets:
@@ -81,7 +84,9 @@ def get_lori_model(
         b_blocks = None
         if masks is not None:
             try:
-                b_blocks = block_sparse.blocks_from_mask(masks[name].to(device or linear.weight.device), config.block)
+                # From the mask where it is (a meta base has no data to find kept blocks with); the
+                # layer moves the blocks to its device.
+                b_blocks = block_sparse.blocks_from_mask(masks[name], config.block)
             except ValueError as e:
                 raise ValueError(f"mask of {name}: {e}") from None
         return LoRILinear(

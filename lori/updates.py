@@ -58,11 +58,17 @@ class LayerUpdate:
 
 
 def install(
-    model: nn.Module, config: LoRIConfig, updates: dict[str, LayerUpdate], *, backend: str = "auto"
+    model: nn.Module,
+    config: LoRIConfig,
+    updates: dict[str, LayerUpdate],
+    *,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Put ``updates`` into a model without adapters, each as a ``LoRILinear`` on the
     linear of the same name (``config`` gives r, dropout and becomes the model's); every
-    layer is checked against the model before the model changes."""
+    layer is checked against the model before the model changes. The adapters live on
+    ``device`` (default: each base weight's; e.g. the CPU under a ``meta`` base)."""
     check_no_adapter(model)
     modules = dict(model.named_modules())
     targets = {}
@@ -82,8 +88,8 @@ def install(
 
     def make_layer(name: str, linear: nn.Linear) -> LoRILinear:
         u = updates[name]
-        device = linear.weight.device
-        b_blocks = block_sparse.blocks_covering(u.mask.to(device), u.block)
+        where = device if device is not None else linear.weight.device
+        b_blocks = block_sparse.blocks_covering(u.mask.to(where), u.block)
         layer = LoRILinear(
             linear,
             r=u.r,
@@ -95,9 +101,10 @@ def install(
             b_blocks=b_blocks,
             backend=backend,
             a=u.a,
+            device=where,
         )
         with torch.no_grad():
-            layer.b_values.copy_(block_sparse.gather_blocks(u.b.to(device), b_blocks, u.block))
+            layer.b_values.copy_(block_sparse.gather_blocks(u.b.to(where), b_blocks, u.block))
         return layer
 
     return inject_layers(model, config, targets, make_layer)

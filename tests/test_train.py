@@ -3,6 +3,7 @@ continues the same loss curve; the command line."""
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,8 +83,8 @@ def train_args(world, output, *extra):
             "--rank", "8", "--block", "16,8", "--lr", "3e-3", "--no-progress", *extra]  # fmt: skip
 
 
-def run_cli(args):
-    out = subprocess.run(args, capture_output=True, text=True)
+def run_cli(args, env=None):
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -394,3 +395,67 @@ def test_sigkill_during_training_then_resume_gives_the_uninterrupted_curve(world
     b = lori.lori_layers(lori.load_lori(toy_base(world), again["adapter"]))
     for name, layer in a.items():
         torch.testing.assert_close(b[name].b_values, layer.b_values)
+
+
+def step_losses(stdout: str) -> list[float]:
+    """The losses of a run's "step N/M loss X" log lines (--log-every 1)."""
+    return [float(line.split()[3]) for line in stdout.splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.slow
+def test_hsdp_2x2_on_four_processes_equals_one_and_resumes(world, tmp_path):
+    """--mesh 2x2: parameters sharded within pairs of processes, replicated across the two
+    pairs; the same loss curve as one process, and a resumed run continues it."""
+    single = train(config(world, tmp_path / "one", batch_size=8, max_steps=4))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "lori.cli"]
+    extra = ("--mesh", "2x2", "--batch-size", "2", "--max-steps", "4", "--log-every", "1", "--save-every", "2")
+    four = step_losses(run_cli([*launcher, *train_args(world, tmp_path / "hsdp", *extra)]))
+    assert four == pytest.approx(single["losses"], rel=1e-4)
+    restarted = tmp_path / "restarted"
+    shutil.copytree(tmp_path / "hsdp" / "checkpoints" / "step-0000002", restarted / "checkpoints" / "step-0000002")
+    resumed = step_losses(run_cli([*launcher, *train_args(world, restarted, *extra, "--resume")]))
+    assert resumed == pytest.approx(four[2:], rel=1e-6)
+
+
+RANK_MEMORY = """
+import json, os, resource, sys
+import torch
+import torch.distributed.checkpoint.state_dict, torch.distributed.fsdp  # imported before measuring
+from transformers import LlamaForCausalLM
+from lori.train import TrainConfig
+from lori.train.loop import _load_sharded
+from lori.train.world import World
+from lori import LoRIConfig
+world = World()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cfg = TrainConfig(model=sys.argv[1], data=sys.argv[1], output=sys.argv[2], adapter=LoRIConfig(r=8, block=(16, 8)))
+model, _ = _load_sharded(cfg, world, torch.float32, None, bf16=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+with open(os.path.join(sys.argv[2], f"rank{world.rank}.json"), "w") as f:
+    json.dump({"peak_growth": after - before, "shard": shard}, f)
+world.close()
+"""
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_weights(tmp_path):
+    """Two processes: rank 1 builds the model on meta and receives its shard by broadcast,
+    one tensor at a time, so its peak memory grows by its shard and little more; with every
+    rank loading the model (as before) it would grow by the whole model and its shard."""
+    from test_model import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 16})
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    (tmp_path / "load.py").write_text(RANK_MEMORY)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # Large tensors mmapped, so that a freed one leaves the resident set (glibc otherwise keeps
+    # freed heap pages): the peak RSS then follows the live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    run_cli([*launcher, str(tmp_path / "load.py"), str(tmp_path / "base"), str(tmp_path)], env=env)
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank1["shard"] < 0.55 * size
+    assert rank1["peak_growth"] < rank1["shard"] + 0.3 * size, (rank1, size)

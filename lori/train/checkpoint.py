@@ -118,6 +118,7 @@ def remove_checkpoint(path: Path) -> None:
         log.warning("kept %s: it holds files the run did not write", path)
 
 
+_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # as torch.optim.AdamW creates it
 _STATE_KINDS = {
     "step": int,
     "micro_steps": int,
@@ -154,6 +155,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{optimizer_file} is not a readable safetensors file: {e}") from None
+    unknown = sorted(k for k in tensors if "/" not in k or k.rsplit("/", 1)[1] not in _ADAMW_STATE)
+    if unknown:
+        raise CheckpointError(f"{optimizer_file} holds {unknown[:3]}, which are not AdamW state")
     if BINDING_KEY not in safetensors_metadata(data):
         raise CheckpointError(f"{optimizer_file} does not record {STATE_FILE}'s digest")
     check_binding(data, {k: v for k, v in state.items() if k != "optimizer_sha256"}, optimizer_file, state_file)
@@ -176,9 +180,12 @@ def load_checkpoint(model, optimizer, scheduler, cfg, world, path: Path) -> dict
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({changed})")
     load_lori(model, path)
     osd_state: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    # In AdamW's own order: set_optimizer_state_dict(full_state_dict=True) pairs a state's
+    # values by position on ranks other than 0 (in the file's order, sorted by name, rank 1
+    # got exp_avg and exp_avg_sq swapped and diverged on the first resumed step).
+    for key in sorted(tensors, key=lambda k: (k.rsplit("/", 1)[0], _ADAMW_STATE.index(k.rsplit("/", 1)[1]))):
         fqn, name = key.rsplit("/", 1)
-        osd_state.setdefault(fqn, {})[name] = value.reshape(()) if name == "step" else value
+        osd_state.setdefault(fqn, {})[name] = tensors[key].reshape(()) if name == "step" else tensors[key]
     osd = {"state": osd_state, "param_groups": state["param_groups"]}
     set_optimizer_state_dict(model, optimizer, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])

@@ -73,6 +73,14 @@ class TrainConfig:
     clip_mode: str = field(default="global", metadata={"help": "'global' (one norm) or 'per_tensor'."})
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', or 'auto' (bf16 on GPU)."})
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers."})
+    mesh: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "HSDP: 'replicate x shard' processes (e.g. 8x8: a replica per node of 8 GPUs, sharded within "
+            "it); default: FSDP, every process one shard.",
+            **RESUME,
+        },
+    )
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: no checkpoints)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many of the latest checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output."})
@@ -107,6 +115,12 @@ class TrainConfig:
         _require(self, "warmup_ratio", lambda v: _is_finite(v) and 0 <= v < 1, "in [0, 1)")
         for name in ("activation_checkpointing", "resume", "overwrite_output", "progress"):
             _require(self, name, lambda v: isinstance(v, bool), "True or False")
+        _require(
+            self,
+            "mesh",
+            lambda v: v is None or (isinstance(v, tuple) and len(v) == 2 and all(_is_int(n) and n >= 1 for n in v)),
+            "None or (replicate, shard), two integers >= 1",
+        )
         if self.resume and self.overwrite_output:
             raise ValueError("resume and overwrite_output exclude each other: continue the run, or start over")
         if not isinstance(self.adapter, LoRIConfig):

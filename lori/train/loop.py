@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lori.checkpoint import save_lori
-from lori.continual import stack_adapter
+from lori.continual import FrozenBlocks, stack_adapter
 from lori.data import IGNORE_INDEX, collate, load_examples, tokenize_example
 from lori.errors import TrainingError
 from lori.masks import load_masks
@@ -20,7 +20,7 @@ from lori.model import enable_activation_checkpointing, get_lori_model, print_tr
 from lori.train.checkpoint import ADAPTER_DIR, check_output, load_checkpoint, remove_checkpoint, save_checkpoint
 from lori.train.config import TrainConfig
 from lori.train.loss import response_loss_sum
-from lori.train.world import World, load_model, shard
+from lori.train.world import World, build_on_meta, device_mesh, load_model, shard
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,52 @@ def train(cfg: TrainConfig) -> dict:
         world.close()
 
 
+def _adapt(model: torch.nn.Module, cfg: TrainConfig, masks, device=None) -> FrozenBlocks | None:
+    """Give ``model`` its adapter (new, or stacked on ``init_adapter``: then the keeper of
+    its frozen blocks is returned) on ``device`` (default: the base weights')."""
+    if cfg.init_adapter:
+        return stack_adapter(
+            model, cfg.init_adapter, masks, dropout=cfg.adapter.dropout, backend=cfg.backend, device=device
+        )
+    get_lori_model(model, cfg.adapter, masks=masks, backend=cfg.backend, device=device)
+    return None
+
+
+def _load_sharded(cfg: TrainConfig, world: World, dtype: torch.dtype, masks, bf16: bool):
+    """The model sharded by FSDP2 over ``world``, with only rank 0 reading the weights:
+    every rank builds the model on ``meta`` (its adapter, which is small, on the CPU) and
+    shards it; then the weights rank 0 read reach every rank's shard by broadcast
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``). No other rank holds more
+    than its shard and one tensor in flight. Returns the model and its frozen blocks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full, buffers = {}, {}
+    if world.main:
+        source = load_model(cfg.model, dtype)
+        _adapt(source, cfg, masks)
+        full = source.state_dict()
+        buffers = {name: b for name, b in source.named_buffers() if name not in full}
+        del source
+    model = build_on_meta(cfg.model, dtype)
+    frozen = _adapt(model, cfg, masks, device="cpu")
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    shard(model, device_mesh(world, cfg.mesh), bf16)
+    if frozen is not None:
+        frozen.shard_like_parameters()
+    model.to_empty(device=world.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    persistent = model.state_dict().keys()
+    for name, buffer in model.named_buffers():  # not in a state dict (e.g. rotary frequencies): broadcast too
+        if name in persistent:
+            continue
+        if world.main:
+            buffer.copy_(buffers[name])
+        torch.distributed.broadcast(buffer, src=0)
+    return model, frozen
+
+
 def _check_inputs(cfg: TrainConfig) -> None:
     """The paths a run reads exist (checked before anything is loaded)."""
     if not (Path(cfg.model) / "config.json").is_file():
@@ -88,7 +134,7 @@ def _check_inputs(cfg: TrainConfig) -> None:
 
 
 def _train(cfg: TrainConfig, world: World) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     output = Path(cfg.output)
     _check_inputs(cfg)
@@ -102,23 +148,18 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and world.device.type == "cuda")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_model(AutoModelForCausalLM, cfg.model, torch.bfloat16 if bf16 else torch.float32)
-    model.to(world.device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     masks = load_masks(cfg.masks) if cfg.masks else None
-    frozen = None
-    if cfg.init_adapter:
-        frozen = stack_adapter(model, cfg.init_adapter, masks, dropout=cfg.adapter.dropout, backend=cfg.backend)
+    if world.size == 1:
+        model = load_model(cfg.model, dtype).to(world.device)
+        frozen = _adapt(model, cfg, masks)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
     else:
-        get_lori_model(model, cfg.adapter, masks=masks, backend=cfg.backend)
+        model, frozen = _load_sharded(cfg, world, dtype, masks, bf16)
     if world.main:
         print_trainable_parameters(model)
-        log.info("base weights in %s, adapter in float32", str(next(model.parameters()).dtype).removeprefix("torch."))
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    if world.size > 1:
-        shard(model, world, bf16)
-        if frozen is not None:
-            frozen.shard_like_parameters()
+        log.info("base weights in %s, adapter in float32", str(dtype).removeprefix("torch."))
     model.train()
 
     examples = [tokenize_example(tokenizer, e, cfg.max_length) for e in load_examples(cfg.data)]

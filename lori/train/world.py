@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "decoder_layers", "load_model", "shard"]
+__all__ = ["World", "build_on_meta", "decoder_layers", "device_mesh", "load_model", "shard"]
 
 
 class World:
@@ -55,11 +55,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard(model: torch.nn.Module, world: World, bf16: bool) -> None:
+def device_mesh(world: World, mesh: tuple[int, int] | None):
+    """FSDP's device mesh: one dimension over every process, or with ``mesh = (replicate,
+    shard)`` the 2-D mesh of HSDP (parameters sharded within a group of ``shard``
+    processes, replicated across the ``replicate`` groups)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if mesh is None:
+        return init_device_mesh(world.device.type, (world.size,))
+    replicate, shard = mesh
+    if replicate * shard != world.size:
+        raise ValueError(f"--mesh {replicate}x{shard} needs {replicate * shard} processes, this run has {world.size}")
+    return init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: torch.nn.Module, mesh, bf16: bool) -> None:
+    """``fully_shard`` each decoder layer, then the root, over ``mesh`` (2-D: HSDP)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,))
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
@@ -68,10 +81,24 @@ def shard(model: torch.nn.Module, world: World, bf16: bool) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def load_model(model_cls, path: str, dtype: torch.dtype):
-    """``from_pretrained`` in ``dtype`` (transformers 5 calls the argument ``dtype``, 4.x
-    ``torch_dtype``)."""
+def _dtype_argument(dtype: torch.dtype) -> dict:
+    """transformers 5 calls the argument ``dtype``, 4.x ``torch_dtype``."""
     import transformers
 
-    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return model_cls.from_pretrained(path, **{key: dtype})
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
+def load_model(path: str, dtype: torch.dtype):
+    """The causal LM at ``path`` (``from_pretrained``) in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **_dtype_argument(dtype))
+
+
+def build_on_meta(path: str, dtype: torch.dtype):
+    """The causal LM of ``path``'s config.json on the ``meta`` device: its structure, no
+    weights read, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **_dtype_argument(dtype))

@@ -1,0 +1,127 @@
+"""Large models without their weights: Llama-3-8B and -70B shapes built on ``meta`` with
+masks, ``lori train --plan`` per rank, and the plan's sharded sizes confirmed by FSDP2
+itself at world size 64 under PyTorch's fake process group."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lori
+from lori import LoRIConfig
+from lori.train import TrainConfig
+from lori.train.plan import memory_plan
+
+LLAMA3 = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+}
+
+
+def llama3_config(size: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        **LLAMA3[size],
+    }
+
+
+def meta_llama3(size: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**llama3_config(size)))
+
+
+def targets(model) -> dict[str, torch.nn.Linear]:
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lori.DEFAULT_TARGET_MODULES
+    }
+
+
+def block_masks(model, r: int, keep: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random masks of whole 32 x 32 blocks keeping ``keep`` of each layer's blocks."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, linear in targets(model).items():
+        grid = torch.rand(-(-linear.out_features // 32), r // 32, generator=g) < keep
+        masks[name] = grid.repeat_interleave(32, 0).repeat_interleave(32, 1)[: linear.out_features]
+    return masks
+
+
+def test_llama3_8b_on_meta_with_masks_has_lori_s_trainable_counts():
+    """r 32: PEFT LoRA trains 83,886,080 parameters (A and B); LoRI-S at 90% about 5.25%
+    of that (a tenth of B). Built on meta: no weight exists, in a few seconds."""
+    model = meta_llama3("8b")
+    lora = sum(32 * (m.in_features + m.out_features) for m in targets(model).values())
+    assert lora == 83_886_080
+    masks = block_masks(model, 32, 0.1)
+    lori.get_lori_model(model, LoRIConfig(r=32), masks=masks)
+    layers = lori.lori_layers(model)
+    assert all(layer.b_values.is_meta and layer.b_blocks.is_meta for layer in layers.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert trainable == kept and trainable / lora == pytest.approx(0.0525, abs=0.002)
+
+
+def test_llama3_70b_on_meta_with_masks():
+    model = meta_llama3("70b")
+    masks = block_masks(model, 32, 0.1)
+    lori.get_lori_model(model, LoRIConfig(r=32), masks=masks)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(int(m.sum()) for m in masks.values())
+
+
+SIMULATION = """
+import json, os, sys
+import torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import lori
+from lori import LoRIConfig
+from lori.train.world import World, build_on_meta, device_mesh, shard
+rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
+world = World()
+model = build_on_meta(sys.argv[1], torch.bfloat16)
+lori.get_lori_model(model, LoRIConfig(r=32), device="meta")
+mesh = tuple(int(v) for v in sys.argv[2].split("x")) if len(sys.argv) > 2 else None
+shard(model, device_mesh(world, mesh), bf16=True)
+local = lambda p: p.to_local().numel() * p.to_local().element_size()
+print(json.dumps({
+    "frozen": sum(local(p) for p in model.parameters() if not p.requires_grad),
+    "trainable": sum(local(p) for p in model.parameters() if p.requires_grad),
+}))
+"""
+
+
+@pytest.mark.parametrize("mesh", [None, (8, 8)])
+def test_plan_of_70b_on_64_gpus_is_what_fsdp2_shards(tmp_path, mesh):
+    """The real sharding code (``lori.train.world.shard``) at world size 64 on meta tensors
+    under the fake process group: each rank's shard of the frozen weights and of the
+    trainable b_values is the plan's, for FSDP and for HSDP 8 x 8."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(llama3_config("70b")))
+    args = [sys.executable, "-c", SIMULATION, str(tmp_path / "model")] + (["x".join(map(str, mesh))] if mesh else [])
+    out = subprocess.run(args, capture_output=True, text=True, env={**_env(), "RANK": "5", "WORLD_SIZE": "64"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    cfg = TrainConfig(model=str(tmp_path / "model"), data="-", output="-", adapter=LoRIConfig(r=32), mesh=mesh,
+                      batch_size=1, max_length=4096, activation_checkpointing=True)  # fmt: skip
+    plan = memory_plan(cfg, 64, gpu_memory=80)
+    assert plan.rows["frozen weights (sharded)"] == measured["frozen"]
+    assert plan.rows["trainable b_values (fp32, sharded)"] == measured["trainable"]
+    assert plan.fits() and "fits in 80 GiB" in plan.table()
+
+
+def _env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
