@@ -125,3 +125,74 @@ def _env():
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+
+
+RUN = """
+import json, os, sys
+import torch
+from torch import nn
+from lori import LoRIConfig
+from lori.train import TrainConfig
+from lori.train.loop import _load_sharded
+from lori.train.loss import response_loss_sum
+from lori.train.world import World
+world = World()
+cfg = TrainConfig(**json.loads(sys.argv[1]), adapter=LoRIConfig(r=8, block=(16, 8)))
+model, _ = _load_sharded(cfg, world, torch.float32, None, bf16=False)
+model.train()
+shape = (cfg.batch_size, cfg.max_length)
+ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+seen = set()
+def pack(t):
+    weight = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)  # gathered weights, not activations
+    key = t.untyped_storage()._cdata
+    if not weight and key not in seen:
+        seen.add(key)
+        pack.bytes += t.untyped_storage().nbytes()
+    return t
+pack.bytes = 0
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss = response_loss_sum(model, batch, cfg.loss_chunk_tokens)
+loss.backward()
+trainable = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(trainable)
+optimizer.step()
+local = lambda t: t.to_local().numel() * t.element_size()
+state = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+measured = {
+    "frozen weights (sharded)": sum(local(p) for p in model.parameters() if not p.requires_grad),
+    "trainable b_values (fp32, sharded)": sum(local(p) for p in trainable),
+    "gradients (fp32, sharded)": sum(local(p.grad) for p in trainable),
+    "AdamW state (fp32, sharded)": sum(local(v) for v in state),
+    "saved": pack.bytes,
+}
+if world.main:
+    print("MEASURED" + json.dumps(measured))
+world.close()
+"""
+
+
+def test_plan_against_a_real_two_process_run(tmp_path):
+    """The plan of a 2-process CPU run (float32) against what the run holds: the sharded
+    weights, b_values, gradients and AdamW state exactly; what forward saves for backward
+    (activations, and the chunked loss's gradient of the hidden states) within 10%."""
+    from test_model import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {**TINY, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3, "vocab_size": 1000}
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "base")
+    settings = dict(model=str(tmp_path / "base"), data="-", output=str(tmp_path), batch_size=2, max_length=256)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    (tmp_path / "run.py").write_text(RUN)
+    out = subprocess.run([*launcher, str(tmp_path / "run.py"), json.dumps(settings)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("MEASURED"))[8:])
+    cfg = TrainConfig(**settings, adapter=LoRIConfig(r=8, block=(16, 8)))
+    plan = memory_plan(cfg, 2, compute_dtype=torch.float32)
+    for row in ("frozen weights (sharded)", "trainable b_values (fp32, sharded)", "gradients (fp32, sharded)"):
+        assert plan.rows[row] == measured[row], row
+    assert plan.rows["AdamW state (fp32, sharded)"] == measured["AdamW state (fp32, sharded)"]
+    hidden_grad = cfg.batch_size * cfg.max_length * config["hidden_size"] * 4  # the chunked loss saves it
+    assert measured["saved"] == pytest.approx(plan.rows["activations"] + hidden_grad, rel=0.1)

@@ -15,7 +15,9 @@ Per rank, in bytes:
 - ``activations``: what the base model's forward saves for backward, measured by running
   it on ``meta`` tensors for one micro-batch of ``batch_size x max_length`` tokens, plus
   LoRI's ``h`` (tokens x r) per adapted layer; with activation checkpointing, every
-  decoder layer's input plus one layer's saved tensors (the one recomputed);
+  decoder layer's input plus one layer's saved tensors (the one recomputed); attention as
+  a fused kernel (flash/memory-efficient SDPA) computes it, without ``length x length``
+  probabilities;
 - ``logits``: with the chunked loss, two float32 chunks of ``loss_chunk_tokens`` x vocab
   and the gradient of the last hidden states; else the micro-batch's logits in the compute
   dtype, in float32 and their gradient.
@@ -90,7 +92,9 @@ def _shard_bytes(t: torch.Tensor, shards: int, dtype: torch.dtype | None = None)
 
 def _saved_activations(model: nn.Module, batch_size: int, length: int) -> tuple[int, list[int], list[int]]:
     """Bytes the base model's forward saves for backward on ``meta`` tensors: outside
-    the decoder layers, per decoder layer, and each decoder layer's input."""
+    the decoder layers, per decoder layer, and each decoder layer's input. Tensors of
+    ``length x length`` (attention probabilities and masks) are left out: a fused attention
+    kernel (flash or memory-efficient SDPA, what a GPU runs) never stores them."""
     layers = decoder_layers(model)
     parameters = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: set[int] = set()
@@ -101,7 +105,8 @@ def _saved_activations(model: nn.Module, batch_size: int, length: int) -> tuple[
 
     def pack(t: torch.Tensor):
         key = t.untyped_storage()._cdata
-        if key not in parameters and key not in seen:
+        attention = t.dim() >= 2 and tuple(t.shape[-2:]) == (length, length)
+        if key not in parameters and key not in seen and not attention:
             seen.add(key)
             size = t.untyped_storage().nbytes()
             if current[0] is None:
@@ -125,6 +130,7 @@ def _saved_activations(model: nn.Module, batch_size: int, length: int) -> tuple[
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(enter(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(leave))
+    model.requires_grad_(False)  # the base is frozen: its linears save no inputs for weight gradients
     embeddings = model.get_input_embeddings()
     embeddings.weight.requires_grad_(True)  # backward runs through every layer, as with adapters in all of them
     try:
