@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -459,3 +460,16 @@ def test_only_rank_0_reads_the_weights(tmp_path):
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank1["shard"] < 0.55 * size
     assert rank1["peak_growth"] < rank1["shard"] + 0.3 * size, (rank1, size)
+
+
+@pytest.mark.slow
+def test_accelerate_with_the_committed_config_equals_one_process(world, tmp_path):
+    """examples/accelerate_fsdp2.yaml, its process count overridden: 2 processes on the CPU
+    (accelerate's --cpu would start one)."""
+    single = train(config(world, tmp_path / "one", batch_size=8, max_steps=3))
+    config_file = Path(__file__).resolve().parents[1] / "examples" / "accelerate_fsdp2.yaml"
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config_file),
+                "--num_processes", "2", "-m", "lori.cli"]  # fmt: skip
+    extra = ("--batch-size", "4", "--max-steps", "3", "--log-every", "1")
+    two = step_losses(run_cli([*launcher, *train_args(world, tmp_path / "acc", *extra)]))
+    assert two == pytest.approx(single["losses"], rel=1e-4)
