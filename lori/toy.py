@@ -1,6 +1,7 @@
 """A toy world for the demo and the tests, made here and never downloaded: a
 character-level tokenizer with a chat template, string tasks (a Caesar shift of a word;
-shift 0 is copying), and a tiny Llama pretrained on copying to serve as a base model.
+shift 0 is copying; and the named tasks of ``TASKS``, told apart by an instruction in the
+prompt), and a tiny Llama pretrained on copying to serve as a base model.
 Everything is written to local directories and read back through the ordinary loaders
 (``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained``, ``lori.data.load_examples``).
 """
@@ -19,7 +20,7 @@ from lori.data import collate, tokenize_example
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_base_model", "build_tokenizer", "caesar_examples", "write_jsonl"]
+__all__ = ["TASKS", "build_base_model", "build_tokenizer", "caesar_examples", "task_examples", "write_jsonl"]
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHAT_TEMPLATE = (
@@ -29,14 +30,38 @@ CHAT_TEMPLATE = (
 )
 
 
+def _shift(word: str, shift: int) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + shift) % 26] for c in word)
+
+
+def _words(n: int, seed: int, min_len: int, max_len: int) -> list[str]:
+    """``n`` random words of ``min_len`` to ``max_len`` lowercase letters."""
+    rand = random.Random(seed)
+    return ["".join(rand.choice(LETTERS) for _ in range(rand.randint(min_len, max_len))) for _ in range(n)]
+
+
 def caesar_examples(n: int, shift: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict]:
     """``n`` examples ``{"prompt": word, "response": word shifted by shift letters}``."""
-    rand = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        word = "".join(rand.choice(LETTERS) for _ in range(rand.randint(min_len, max_len)))
-        examples.append({"prompt": word, "response": "".join(LETTERS[(LETTERS.index(c) + shift) % 26] for c in word)})
-    return examples
+    return [{"prompt": word, "response": _shift(word, shift)} for word in _words(n, seed, min_len, max_len)]
+
+
+# Tasks on a word of lowercase letters, all within the tokenizer's vocabulary, each a
+# different use of the copying the base model knows: its answer changes every letter
+# (shift, atbash), their order (reverse) or the length (double).
+TASKS = {
+    "shift": lambda word: _shift(word, 1),  # every letter to the next one: abc -> bcd
+    "reverse": lambda word: word[::-1],  # abc -> cba
+    "atbash": lambda word: "".join(LETTERS[25 - LETTERS.index(c)] for c in word),  # a<->z, b<->y: abc -> zyx
+    "double": lambda word: "".join(c + c for c in word),  # abc -> aabbcc
+}
+
+
+def task_examples(task: str, n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict]:
+    """``n`` examples of ``TASKS[task]`` on random words, the task named in the prompt so
+    that one model can hold several tasks: ``{"prompt": "reverse:abc", "response": "cba"}``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    return [{"prompt": f"{task}:{word}", "response": TASKS[task](word)} for word in _words(n, seed, min_len, max_len)]
 
 
 def write_jsonl(examples: list[dict], path: str | Path) -> Path:

@@ -105,7 +105,8 @@ def test_report_renders_committed_results(tmp_path):
 
     text = report.markdown(RESULTS)
     assert text.startswith("#### CPU") and "| in × out |" in text and "| checkpoint |" in text
-    assert {p.name for p in report.plots(RESULTS, tmp_path)} == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}
+    plots = {p.name for p in report.plots(RESULTS, tmp_path)}
+    assert plots == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png", "interference_cpu.png"}
 
 
 def test_pytest_benchmark_suites_run():

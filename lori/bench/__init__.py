@@ -8,9 +8,12 @@ under the environment and the settings of the run) into the results directory; t
 PNG plots are drawn from every results file there and the tables printed as markdown.
 
 Modules: ``common`` (environment, timing, results files), ``kernels``, ``memory``,
-``storage`` (one ``run(device, quick=, full=, backends=) -> {table: rows}`` each) and
-``report`` (markdown tables and PNG plots from the results files). The pytest-benchmark
-suites over the same cases are the checkout's ``benchmarks/test_*.py``.
+``storage``, ``interference`` (one ``run(device, quick=, full=, backends=) -> {table: rows}``
+each) and ``report`` (markdown tables and PNG plots from the results files). The
+pytest-benchmark suites over the same cases are the checkout's ``benchmarks/test_*.py``.
+``interference`` measures no speed but the LoRI paper's claims in miniature (merging and
+continual learning on toy tasks, minutes of training): it runs only when named,
+``--suite interference``, not with ``all``.
 
 Wired into ``lori`` as ``lori bench``; also ``python -m lori.bench``.
 """
@@ -30,7 +33,8 @@ __all__ = ["SUITES", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
-SUITES = ("kernels", "memory", "storage")
+SUITES = ("kernels", "memory", "storage", "interference")
+ALL = ("kernels", "memory", "storage")  # --suite all: the speed, memory and storage benchmarks
 DEFAULT_RESULTS = RESULTS
 
 
@@ -40,7 +44,13 @@ def _names(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lori bench``."""
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all", help="which suite to run (default: all)")
+    parser.add_argument(
+        "--suite",
+        choices=[*SUITES, "all"],
+        default="all",
+        help=f"which suite to run (default: all = {', '.join(ALL)}; interference, LoRA against LoRI merged and in "
+        "continual learning on toy tasks, a few minutes on a CPU, runs only when named)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small smoke shapes, a few seconds per suite; numbers not meaningful"
     )
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
     if not args.report_only:
-        for name in SUITES if args.suite == "all" else (args.suite,):
+        for name in ALL if args.suite == "all" else (args.suite,):
             log.info("suite %s on %s%s", name, device.type, " (quick)" if args.quick else "")
             settings = {"quick": args.quick, "full": args.full, "backends": args.backends, "device": device.type}
             if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: say how busy it was

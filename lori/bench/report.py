@@ -26,7 +26,7 @@ def _load(results: Path, table: str, device: str) -> list[dict]:
 
 
 def _environment(results: Path, device: str) -> dict | None:
-    for suite in ("kernels", "memory", "storage"):
+    for suite in ("kernels", "memory", "storage", "interference"):
         path = results / f"{suite}_{device}.json"
         if path.is_file():
             return json.loads(path.read_text())["environment"]
@@ -197,6 +197,83 @@ def storage_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+INTERFERENCE_SETTINGS = {
+    "single": "single task",
+    "scaled": "alone, at its merge weight",
+    "merge_linear": "merged, linear",
+    "merge_cat": "merged, cat",
+}
+
+
+def _em_loss(row: dict) -> str:
+    return f"{100 * row['exact_match']:.0f}% ({row['loss']:.2f})"
+
+
+def interference_markdown(rows: list[dict]) -> str:
+    """The ``interference`` tables: each method's exact match (and response loss) per task,
+    single-task, alone at its merge weight and merged; then continual learning."""
+    if not rows:
+        return ""
+    first = rows[0]
+    tasks = list(dict.fromkeys(r["task"] for r in rows if r["method"] == "base"))
+    cell = {(r["method"], r["setting"], r["task"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    intro = (
+        f"Interference (`lori bench --suite interference`, {first['device']}, commit {first['commit']}, "
+        f"{first['date']}; the whole suite {first['suite_seconds']:.0f} s): {len(tasks)} toy tasks on one base model, "
+        f"r {first['r']}, LoRI-S sparsity {first['sparsity']}, {first['steps']} steps of {first['batch_size']} "
+        f"examples with the original LoRI code's recipe; exact match on {first['test_examples']} held-out words per "
+        f"task, in parentheses the response loss (nats per token). Merge weights: the original scripts' for "
+        f"{len(tasks)} adapters.\n"
+    )
+    table = []
+    for method in methods:
+        settings = [s for s in INTERFERENCE_SETTINGS if (method, s, tasks[0]) in cell]
+        for i, setting in enumerate(settings):
+            line = [cell[(method, setting, t)] for t in tasks]
+            name = line[0]["label"] if i == 0 else ""
+            values = f"{line[0]['trained_values']:,}" if i == 0 else ""
+            label = INTERFERENCE_SETTINGS[setting]
+            if line[0]["merge_weight"] != "":
+                label += (
+                    f" ({line[0]['merge_weight']:g} each)" if setting != "scaled" else f" {line[0]['merge_weight']:g}"
+                )
+            mean_em = sum(r["exact_match"] for r in line) / len(line)
+            mean_loss = sum(r["loss"] for r in line) / len(line)
+            mean = f"{100 * mean_em:.0f}% ({mean_loss:.2f})"
+            table.append([name, values, label if method != "base" else "-", *map(_em_loss, line), mean])
+    out = [intro, _table(["method", "trained values", "setting", *tasks, "mean"], table)]
+    continual = [r for r in rows if r["setting"] == "continual"]
+    if continual:
+        order = list(dict.fromkeys(r["task"] for r in continual))
+        first_task, second_task = order
+        out.append(
+            f"\nContinual learning: {first_task}, then {second_task} trained on top of it (LoRA and LoRI-D keep "
+            f"training the whole adapter; LoRI-S trains only {second_task}'s mask, the rest of B kept as "
+            f"{first_task} left it); exact match (response loss):\n"
+        )
+        header = [
+            "method",
+            f"{first_task} alone",
+            f"{second_task} alone",
+            f"after both: {first_task}",
+            f"after both: {second_task}",
+        ]
+        table = [
+            [
+                cell[(m, "continual", first_task)]["label"],
+                _em_loss(cell[(m, "single", first_task)]),
+                _em_loss(cell[(m, "single", second_task)]),
+                _em_loss(cell[(m, "continual", first_task)]),
+                _em_loss(cell[(m, "continual", second_task)]),
+            ]
+            for m in methods
+            if (m, "continual", first_task) in cell
+        ]
+        out.append(_table(header, table))
+    return "\n".join(out)
+
+
 def markdown(results: Path = RESULTS) -> str:
     """Every results table under ``results`` as markdown, one section per device."""
     sections = []
@@ -209,6 +286,7 @@ def markdown(results: Path = RESULTS) -> str:
             merge_markdown(_load(results, "merge", device)),
             memory_markdown(_load(results, "memory_layer", device), _load(results, "memory_model", device)),
             storage_markdown(_load(results, "storage", device)),
+            interference_markdown(_load(results, "interference", device)),
         ]
         parts = [p for p in parts if p]
         if not parts:
@@ -221,6 +299,60 @@ def markdown(results: Path = RESULTS) -> str:
             )
         sections.append(f"#### {where}\n\n" + "\n\n".join(parts))
     return "\n\n".join(sections)
+
+
+def interference_figure(rows: list[dict], label: str):
+    """Mean exact match and response loss over the tasks per method and setting, and
+    continual learning's two tasks before and after; titled with ``label`` (CPU or GPU) and
+    the rows' own device and commit (the suite runs apart from the others)."""
+    from matplotlib.figure import Figure
+
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
+    labels = {r["method"]: r["label"] for r in rows}
+    fig = Figure(figsize=(14, 4.2))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    width = 0.8 / len(INTERFERENCE_SETTINGS)
+    for i, (setting, name) in enumerate(INTERFERENCE_SETTINGS.items()):
+        chosen = [[r for r in rows if (r["method"], r["setting"]) == (m, setting)] for m in methods]
+        xs = [j + i * width for j in range(len(methods))]
+        ax1.bar(xs, [100 * sum(r["exact_match"] for r in c) / len(c) for c in chosen], width, label=name)
+        ax2.bar(xs, [sum(r["loss"] for r in c) / len(c) for c in chosen], width, label=name)
+    base = [r["loss"] for r in rows if r["method"] == "base"]
+    baseline = ax2.axhline(sum(base) / len(base), color="k", lw=0.8, ls="--", label="base model")
+    ticks = ([j + 0.4 - width / 2 for j in range(len(methods))], [labels[m].replace(", ", "\n") for m in methods])
+    for ax in (ax1, ax2):
+        ax.set_xticks(*ticks, fontsize=7)
+    ax1.set_ylabel("exact match, mean over tasks (%)")
+    ax1.legend(fontsize=7)
+    ax2.set_yscale("log")
+    ax2.set_ylim(top=40)  # room above the base model's line for its legend (the bars' colours are ax1's)
+    ax2.set_ylabel("response loss, mean over tasks (nats/token, log)")
+    ax2.legend(handles=[baseline], fontsize=7, loc="upper left")
+    continual = [r for r in rows if r["setting"] == "continual"]
+    if continual:
+        first, second = dict.fromkeys(r["task"] for r in continual)
+        cell = {(r["method"], r["setting"], r["task"]): r for r in rows}
+        bars = [
+            ("single", first, f"{first} alone"),
+            ("continual", first, f"{first} after {second}"),
+            ("single", second, f"{second} alone"),
+            ("continual", second, f"{second} after {first}"),
+        ]
+        shown = [m for m in methods if (m, "continual", first) in cell]
+        width = 0.8 / len(bars)
+        for i, (setting, task, name) in enumerate(bars):
+            xs = [j + i * width for j in range(len(shown))]
+            ax3.bar(xs, [100 * cell[(m, setting, task)]["exact_match"] for m in shown], width, label=name)
+        ax3.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))], [ticks[1][methods.index(m)] for m in shown])
+        ax3.tick_params(axis="x", labelsize=7)
+        ax3.set_ylabel("exact match (%)")
+        ax3.set_title("continual learning", fontsize=9)
+        ax3.legend(fontsize=7)
+    ax1.set_title("single task, alone at merge weight, merged", fontsize=9)
+    ax2.set_title("the same, response loss", fontsize=9)
+    where = f"{label}: {rows[0]['device']}, commit {rows[0]['commit']}, {rows[0]['date']}"
+    fig.suptitle(f"Interference on toy tasks, {where}", fontsize=10)
+    return fig
 
 
 def plots(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
@@ -319,6 +451,9 @@ def plots(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
             ax.tick_params(axis="x", labelsize=8, rotation=30)
             ax.set_title(f"Adapter checkpoint, {storage[0]['model']}, r 32, bf16", fontsize=10)
             save(fig, f"storage_{device}")
+        interference = _load(results, "interference", device)
+        if interference:
+            save(interference_figure(interference, label), f"interference_{device}")
     return written
 
 
