@@ -44,7 +44,7 @@ test)
     # outputs twice); the many small shapes of the kernel test files on one config each,
     # else compiling every config for every shape would not fit the call.
     $py -m pytest -q -m gpu tests/ 2>&1 | tee "$out/pytest_gpu.log" | tail -20
-    LORI_TRITON_AUTOTUNE=0 $py -m pytest -q -m "not gpu" tests/test_triton.py tests/test_fused_layer.py \
+    LORI_TRITON_AUTOTUNE=0 $py -m pytest -q -m "not gpu" tests/test_triton.py tests/test_kernels.py tests/test_fused_layer.py \
         tests/test_ext_ops.py tests/test_rng.py 2>&1 | tee "$out/pytest_kernels.log" | tail -20
     ;;
 kernels)

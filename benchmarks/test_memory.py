@@ -10,7 +10,7 @@ import torch
 
 from lori.bench import kernels, memory
 from lori.bench.common import lori_backends, synced
-from lori_kernels.saved_memory import saved_bytes
+from lori_kernels.testing import saved_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASE = memory.model_case(DEVICE.type, quick=True)

@@ -1,6 +1,8 @@
 // The B side of the LoRI layer on the CPU, over B's kept blocks, with the BLAS:
 //   expand_          y += s * h @ B.T   one GEMM per kept block row (its blocks side by side)
 //   expand_backward  g  = s * dy @ B    one GEMM per kept block column (its blocks stacked)
+// The rows and columns are walked through the index of b_blocks passed in (row_ptr; col_ptr
+// and col_order), after checking it against b_blocks.
 // Each output element is accumulated inside one GEMM (fp32 accumulation for bf16/fp16).
 #include <utility>
 #include <vector>
@@ -17,10 +19,11 @@ namespace lori {
 namespace {
 
 void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
-                const at::Tensor& b_blocks, double scaling) {
-  const BlockLayout layout = check_expand(y, h, b_values, b_blocks);
+                const at::Tensor& b_blocks, const at::Tensor& row_ptr, double scaling) {
+  const BlockLayout layout = check_expand(y, h, b_values, b_blocks, row_ptr);
   const int64_t out = y.size(1), r = h.size(1);
   check_block_indices_cpu("expand_", b_blocks, layout);
+  check_row_ptr_cpu("expand_", b_blocks, row_ptr, layout);
   if (layout.nnz == 0 || y.size(0) == 0) {
     return;
   }
@@ -28,7 +31,7 @@ void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
     y.addmm_(h, dense_b(b_values, b_blocks, layout, out, r).t(), 1.0, scaling);
     return;
   }
-  for (const BlockGroup& row : group_blocks(b_blocks, layout, /*by_row=*/true)) {
+  for (const BlockGroup& row : group_blocks(b_blocks, row_ptr, nullptr, layout.n_rows)) {
     std::vector<at::Tensor> blocks;
     std::vector<std::pair<int64_t, int64_t>> h_columns;
     for (size_t t = 0; t < row.blocks.size(); ++t) {
@@ -42,10 +45,12 @@ void expand_cpu(at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
 }
 
 at::Tensor expand_backward_cpu(const at::Tensor& dy, const at::Tensor& b_values,
-                               const at::Tensor& b_blocks, int64_t r, double scaling) {
-  const BlockLayout layout = check_expand_backward(dy, b_values, b_blocks, r);
+                               const at::Tensor& b_blocks, const at::Tensor& col_ptr,
+                               const at::Tensor& col_order, int64_t r, double scaling) {
+  const BlockLayout layout = check_expand_backward(dy, b_values, b_blocks, col_ptr, col_order, r);
   const int64_t out = dy.size(1);
   check_block_indices_cpu("expand_backward", b_blocks, layout);
+  check_col_index_cpu("expand_backward", b_blocks, col_ptr, col_order, layout);
   if (layout.nnz > 0 && dy.size(0) > 0 && use_dense_b(layout, out, r)) {
     return at::mm(dy, dense_b(b_values, b_blocks, layout, out, r)).mul_(scaling);
   }
@@ -53,7 +58,7 @@ at::Tensor expand_backward_cpu(const at::Tensor& dy, const at::Tensor& b_values,
   if (dy.size(0) == 0) {
     return g;
   }
-  for (const BlockGroup& col : group_blocks(b_blocks, layout, /*by_row=*/false)) {
+  for (const BlockGroup& col : group_blocks(b_blocks, col_ptr, &col_order, layout.n_cols)) {
     std::vector<at::Tensor> blocks;
     std::vector<std::pair<int64_t, int64_t>> dy_columns;
     for (size_t t = 0; t < col.blocks.size(); ++t) {

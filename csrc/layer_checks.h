@@ -100,17 +100,35 @@ inline float check_shrink_backward(const at::Tensor& dx, const at::Tensor& g, do
   return check_dropout("shrink_backward_", dropout_p);
 }
 
+// An index of b_blocks (row_ptr, col_ptr, col_order): int32 [size], contiguous, on b_blocks'
+// device; reads no values.
+inline void check_index(const char* op, const char* name, const at::Tensor& index, int64_t size,
+                        const at::Tensor& b_blocks) {
+  TORCH_CHECK(index.scalar_type() == at::kInt && index.dim() == 1 && index.size(0) == size, op, ": ",
+              name, " must be an int32 tensor [", size, "], got ", index.scalar_type(), " with shape ",
+              index.sizes());
+  TORCH_CHECK(index.device() == b_blocks.device(), op, ": ", name, " is on ", index.device(),
+              " but b_blocks is on ", b_blocks.device());
+  TORCH_CHECK(index.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
 inline BlockLayout check_expand(const at::Tensor& y, const at::Tensor& h, const at::Tensor& b_values,
-                                const at::Tensor& b_blocks) {
+                                const at::Tensor& b_blocks, const at::Tensor& row_ptr) {
   check_matrix("expand_", "y", y);
   check_beside("expand_", "h", h, "y", y);
-  return check_b("expand_", b_values, b_blocks, y.size(1), h.size(1), "y", y);
+  const BlockLayout layout = check_b("expand_", b_values, b_blocks, y.size(1), h.size(1), "y", y);
+  check_index("expand_", "row_ptr", row_ptr, layout.n_rows + 1, b_blocks);
+  return layout;
 }
 
 inline BlockLayout check_expand_backward(const at::Tensor& dy, const at::Tensor& b_values,
-                                         const at::Tensor& b_blocks, int64_t r) {
+                                         const at::Tensor& b_blocks, const at::Tensor& col_ptr,
+                                         const at::Tensor& col_order, int64_t r) {
   check_matrix("expand_backward", "dy", dy);
-  return check_b("expand_backward", b_values, b_blocks, dy.size(1), r, "dy", dy);
+  const BlockLayout layout = check_b("expand_backward", b_values, b_blocks, dy.size(1), r, "dy", dy);
+  check_index("expand_backward", "col_ptr", col_ptr, layout.n_cols + 1, b_blocks);
+  check_index("expand_backward", "col_order", col_order, layout.nnz, b_blocks);
+  return layout;
 }
 
 inline BlockLayout check_sddmm(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& b_blocks,
@@ -137,6 +155,42 @@ inline void check_block_indices_cpu(const char* op, const at::Tensor& b_blocks,
       const int64_t pi = blocks[2 * k - 2], pj = blocks[2 * k - 1];
       TORCH_CHECK(i > pi || (i == pi && j > pj), op, ": b_blocks must be sorted and unique: b_blocks[",
                   k, "] = (", i, ", ", j, ") comes after (", pi, ", ", pj, ")");
+    }
+  }
+}
+
+// CPU tensors only, after check_block_indices_cpu: row_ptr is the block row index of b_blocks
+// (row_ptr[i] blocks lie in the block rows before i).
+inline void check_row_ptr_cpu(const char* op, const at::Tensor& b_blocks, const at::Tensor& row_ptr,
+                              const BlockLayout& layout) {
+  const int32_t* blocks = b_blocks.data_ptr<int32_t>();
+  const int32_t* ptr = row_ptr.data_ptr<int32_t>();
+  int64_t k = 0;
+  for (int64_t i = 0; i <= layout.n_rows; ++i) {
+    while (k < layout.nnz && blocks[2 * k] < i) {
+      ++k;
+    }
+    TORCH_CHECK(ptr[i] == k, op, ": row_ptr[", i, "] = ", ptr[i], " but ", k,
+                " blocks of b_blocks lie in the block rows before ", i);
+  }
+}
+
+// CPU tensors only, after check_block_indices_cpu: col_order[col_ptr[j]:col_ptr[j+1]] are the
+// blocks of block column j, in b_blocks' order (so every block is listed once).
+inline void check_col_index_cpu(const char* op, const at::Tensor& b_blocks, const at::Tensor& col_ptr,
+                                const at::Tensor& col_order, const BlockLayout& layout) {
+  const int32_t* blocks = b_blocks.data_ptr<int32_t>();
+  const int32_t* ptr = col_ptr.data_ptr<int32_t>();
+  const int32_t* order = col_order.data_ptr<int32_t>();
+  TORCH_CHECK(ptr[0] == 0 && ptr[layout.n_cols] == layout.nnz, op, ": col_ptr must run from 0 to nnz = ",
+              layout.nnz, ", got ", ptr[0], " to ", ptr[layout.n_cols]);
+  for (int64_t j = 0; j < layout.n_cols; ++j) {
+    TORCH_CHECK(ptr[j] <= ptr[j + 1], op, ": col_ptr must not decrease, but col_ptr[", j + 1, "] = ",
+                ptr[j + 1], " < col_ptr[", j, "] = ", ptr[j]);
+    for (int64_t t = ptr[j]; t < ptr[j + 1]; ++t) {
+      const int64_t k = order[t];
+      TORCH_CHECK(k >= 0 && k < layout.nnz && blocks[2 * k + 1] == j && (t == ptr[j] || k > order[t - 1]),
+                  op, ": col_order[", t, "] = ", k, " is not the next block of block column ", j);
     }
   }
 }

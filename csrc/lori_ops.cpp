@@ -1,6 +1,7 @@
 // The schemas of every lori:: op, declared once; kernels register per device in
 // *_cpu.cpp / *_cuda.cu with TORCH_LIBRARY_IMPL.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 // Importing lori_kernels._C runs the static registrations below; the module itself is empty.
@@ -10,7 +11,11 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 // Seeds of the layer ops are the uint64 seeds in two's complement. B is the compact
-// b_values [nnz, bo, br] at b_blocks int32 [nnz, 2] (sorted block row, block column).
+// b_values [nnz, bo, br] at b_blocks int32 [nnz, 2] (sorted block row, block column). The
+// expand ops walk B through its index, built once per b_blocks and cached by the caller
+// (lori_kernels/block_index.py), all int32: row_ptr [n_rows + 1] (the blocks of block row i
+// are row_ptr[i]:row_ptr[i+1]), col_ptr [n_cols + 1] and col_order [nnz] (those of block
+// column j are col_order[col_ptr[j]:col_ptr[j+1]], in block row order).
 TORCH_LIBRARY(lori, m) {
   // The float32 tile A[row0:row0+rows, col0:col0+cols] of A [*, d_in], on seed's device.
   m.def(
@@ -23,9 +28,27 @@ TORCH_LIBRARY(lori, m) {
       "shrink_backward_(Tensor(a!) dx, Tensor g, int seed, str dist, float dropout_p, "
       "int dropout_seed) -> ()");
   // y += scaling * h @ B.T over the kept blocks
-  m.def("expand_(Tensor(a!) y, Tensor h, Tensor b_values, Tensor b_blocks, float scaling) -> ()");
+  m.def(
+      "expand_(Tensor(a!) y, Tensor h, Tensor b_values, Tensor b_blocks, Tensor row_ptr, float scaling) "
+      "-> ()");
   // g = scaling * dy @ B  [M, r]
-  m.def("expand_backward(Tensor dy, Tensor b_values, Tensor b_blocks, int r, float scaling) -> Tensor");
+  m.def(
+      "expand_backward(Tensor dy, Tensor b_values, Tensor b_blocks, Tensor col_ptr, Tensor col_order, int r, "
+      "float scaling) -> Tensor");
   // db_values = scaling * dy.T @ h at the kept blocks  [nnz, bo, br]
   m.def("sddmm(Tensor dy, Tensor h, Tensor b_blocks, int bo, int br, float scaling) -> Tensor");
+}
+
+// The ops are kernels of the fused layer, which differentiates itself (lori_kernels/fused.py):
+// they have no derivatives, and backpropagating through one raises an error naming it.
+TORCH_LIBRARY_IMPL(lori, Autograd, m) {
+  for (const char* op : {"generate_a", "shrink", "shrink_backward_", "expand_", "expand_backward", "sddmm"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}
+
+TORCH_LIBRARY_IMPL(lori, ADInplaceOrView, m) {
+  for (const char* op : {"shrink_backward_", "expand_"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  }
 }

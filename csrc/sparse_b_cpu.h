@@ -1,5 +1,6 @@
 // Helpers of the CPU kernels that walk B's kept blocks with the BLAS (expand_cpu.cpp,
-// sddmm_cpu.cpp). Block indices must have passed check_block_indices_cpu.
+// sddmm_cpu.cpp). Block indices must have passed check_block_indices_cpu, and the indexes of
+// b_blocks check_row_ptr_cpu / check_col_index_cpu.
 #pragma once
 
 #include <cstdint>
@@ -25,26 +26,27 @@ struct BlockGroup {
   std::vector<int64_t> other;
 };
 
-inline std::vector<BlockGroup> group_blocks(const at::Tensor& b_blocks, const BlockLayout& layout,
-                                            bool by_row) {
+// The non-empty groups of the n block rows (order == nullptr: blocks ptr[i] to ptr[i+1] - 1)
+// or block columns (blocks order[ptr[j]] to order[ptr[j+1] - 1]) of a checked index of b_blocks.
+inline std::vector<BlockGroup> group_blocks(const at::Tensor& b_blocks, const at::Tensor& ptr,
+                                            const at::Tensor* order, int64_t n) {
   const int32_t* blocks = b_blocks.data_ptr<int32_t>();
-  std::vector<BlockGroup> groups(by_row ? layout.n_rows : layout.n_cols);
-  for (size_t g = 0; g < groups.size(); ++g) {
-    groups[g].index = static_cast<int64_t>(g);
-  }
-  for (int64_t k = 0; k < layout.nnz; ++k) {
-    const int64_t i = blocks[2 * k], j = blocks[2 * k + 1];
-    BlockGroup& group = groups[by_row ? i : j];
-    group.blocks.push_back(k);
-    group.other.push_back(by_row ? j : i);
-  }
-  std::vector<BlockGroup> kept;
-  for (BlockGroup& group : groups) {
-    if (!group.blocks.empty()) {
-      kept.push_back(std::move(group));
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const bool by_row = order == nullptr;
+  std::vector<BlockGroup> groups;
+  for (int64_t g = 0; g < n; ++g) {
+    if (p[g] == p[g + 1]) {
+      continue;
     }
+    BlockGroup group{g, {}, {}};
+    for (int64_t t = p[g]; t < p[g + 1]; ++t) {
+      const int64_t k = by_row ? t : order->data_ptr<int32_t>()[t];
+      group.blocks.push_back(k);
+      group.other.push_back(blocks[2 * k + (by_row ? 1 : 0)]);
+    }
+    groups.push_back(std::move(group));
   }
-  return kept;
+  return groups;
 }
 
 // The columns [start, start + length) of each range of `t`, side by side; a view when

@@ -7,7 +7,6 @@ from torch import nn
 
 import lori_kernels
 from lori_kernels import block_sparse, rng
-from lori_kernels.reference import lori_linear_stored_a
 
 __all__ = ["LoRILinear", "count_training_forward"]
 
@@ -28,8 +27,8 @@ class LoRILinear(nn.Module):
 
     With ``a`` given, the layer keeps that A ``[r, in]`` as buffer ``stored_a`` instead of
     regenerating it (adapters imported from PEFT or the original LoRI code, merges of
-    adapters with different seeds); it then runs the plain-torch path
-    (``lori_kernels.reference.lori_linear_stored_a``) and has no seed.
+    adapters with different seeds) and has no seed; ``lori_linear`` then takes the stored A
+    (``a=``) in place of the seed.
 
     Dropout (training only) draws its mask from ``rng.dropout_seed(layer_seed, step,
     rank)``: the layer's seed, the process's rank (data-parallel ranks draw different
@@ -103,23 +102,12 @@ class LoRILinear(nn.Module):
         weight = self.base_layer.weight
         p = self.dropout if self.training else 0.0
         dropout_seed = rng.dropout_seed_tensor(self.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
-        if self.stored_a is not None:
-            return lori_linear_stored_a(
-                x.to(weight.dtype),
-                weight,
-                self.base_layer.bias,
-                self.stored_a.to(weight.dtype),
-                self.b_values.to(weight.dtype),
-                self.b_blocks,
-                scaling=self.scaling,
-                dropout_p=p,
-                dropout_seed=dropout_seed,
-            ).to(x.dtype)
+        stored = self.stored_a is not None
         y = lori_kernels.lori_linear(
             x.to(weight.dtype),
             weight,
             self.base_layer.bias,
-            self.layer_seed,
+            None if stored else self.layer_seed,
             self.b_values.to(weight.dtype),
             self.b_blocks,
             r=self.r,
@@ -129,6 +117,7 @@ class LoRILinear(nn.Module):
             dropout_p=p,
             dropout_seed=dropout_seed,
             backend=self.backend,
+            a=self.stored_a.to(weight.dtype) if stored else None,
         )
         return y.to(x.dtype)
 

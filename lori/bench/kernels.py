@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import lori_kernels
 from lori_kernels import block_sparse
+from lori_kernels.backends import kernels as backend_kernels
 from lori_kernels.backends import unavailable_reason
 
 from .common import (
@@ -324,7 +325,7 @@ def kernel_lora_path(case: dict, backend: str):
     """A backend's five kernels doing the adapter's forward + backward (into preallocated
     outputs, as the fused layer does into the base GEMMs' results)."""
     shape = case["shape"]
-    k = lori_kernels.layer_kernels(backend)
+    k = backend_kernels(backend)
     x, dy, bv, bb, r = case["x"].detach(), case["dy"], case["b_values"].detach(), case["b_blocks"], shape.r
     y, dx = torch.zeros_like(dy), torch.zeros_like(x)
     seed = lori_kernels.rng.to_int64(case["seed"])

@@ -2,7 +2,7 @@
 model holds, for LoRI-S and LoRI-D against PEFT LoRA and the original LoRI code.
 
 Table ``memory_layer``: bytes saved for backward by one layer (``saved_tensors_hooks``,
-``lori_kernels.saved_memory``; weights, parameters and index buffers left out), for each
+``lori_kernels.testing``; weights, parameters and index buffers left out), for each
 implementation of the kernel suite's centre case, dropout 0 and 0.05; ``x_mr`` is the same
 in units of ``M·r`` elements (LoRI's target: 1, dropout or not).
 
@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lori
-from lori_kernels.saved_memory import saved_bytes
+from lori_kernels.testing import saved_bytes
 
 from . import kernels
 from .common import LLAMA3_8B, default_block, dtype_name, environment, lori_backends, random_block_mask

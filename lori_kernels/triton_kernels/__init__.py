@@ -1,4 +1,4 @@
-"""Triton kernels of the fused LoRI layer (the ``"triton"`` backend), one file per family:
+"""Triton kernels of the fused LoRI layer, one file per family:
 
 - ``philox.py``: LoRI-RNG v1 in Triton (device functions) and the A-writing kernel,
 - ``shrink.py``: the A side, ``h = (x * D) @ A.T`` and ``dx += ((g @ A) * D)``,
@@ -6,11 +6,22 @@
 - ``sddmm.py``: ``db_values = s * dy.T @ h`` for kept blocks only,
 - ``gemm.py``: the frozen-weight GEMMs with the adapter in their epilogues,
 - ``indexing.py``: int64 element offsets, shared by every kernel,
-- ``layer.py``: the ``"triton"`` backend, ``lori_kernels.fused_layer`` over these kernels
-  (the GEMMs left to torch),
-- ``epilogue_layer.py``: the ``"triton_epilogue"`` backend, the same with ``gemm.py``.
+- ``tuning.py``: launch configurations and the dtype check of every launcher.
 
-Importing this package imports Triton and defines the kernels; ``lori_kernels`` imports it
-only when the Triton backend is first used. Set ``TRITON_INTERPRET=1`` before that to run
-the kernels on CPU tensors (slow; for tests).
+Here are the two backends' kernel sets (``lori_kernels.backends.TABLE`` names them):
+``KERNELS`` of ``"triton"`` (the GEMMs left to torch), ``EPILOGUE_KERNELS`` of
+``"triton_epilogue"`` (the same with ``gemm.py``'s GEMMs). Importing this package imports
+Triton and defines the kernels; ``lori_kernels`` imports it only when a Triton backend is
+first used. Set ``TRITON_INTERPRET=1`` before that to run the kernels on CPU tensors (slow;
+for tests).
 """
+
+from lori_kernels.backends import LayerKernels
+from lori_kernels.triton_kernels import expand, gemm, philox, sddmm, shrink
+
+KERNELS = LayerKernels(
+    shrink.shrink, shrink.shrink_backward_, expand.expand_, expand.expand_backward, sddmm.sddmm, philox.generate_a_tile
+)
+EPILOGUE_KERNELS = KERNELS._replace(
+    linear_expand=gemm.linear_expand, linear_shrink_backward=gemm.linear_shrink_backward
+)

@@ -9,44 +9,110 @@ GEMMs to torch (cuBLAS) and adds the adapter in place afterwards (``expand_``,
 of it) once more. Which of the two is faster on a GPU is what ``lori bench`` measures:
 the fused epilogue saves that pass, cuBLAS may still beat Triton's main loop.
 
+``interpreter_dot_is_right`` probes Triton's CPU interpreter with the smallest dot, for
+``backends.triton_dtype_problem``.
+
 The main loop is the classic tiled GEMM: one program per output tile, tiles in groups of
-``GROUP_M`` rows so that the weight tiles a group reads stay in L2, fp32 accumulation.
+``GROUP_M`` rows so that the weight tiles a group reads stay in L2, fp32 accumulation. The
+adapter's tile is computed first and the main loop accumulates onto it (through ``tl.dot``'s
+accumulator), so only one fp32 tile is ever live: adding it after the loop held two, which
+spilled inside the loop in half of the tiles. Widths and row strides that are multiples of 8
+but not of 16 are declared so (``VEC``), else Triton loads them element by element.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from lori_kernels.triton_kernels.expand import block_slots, expand_tile
+from lori_kernels.block_index import block_slots
+from lori_kernels.triton_kernels.expand import expand_tile
 from lori_kernels.triton_kernels.indexing import tile_offsets
 from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile
 from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
 
-
-def _configs():
-    return configs(
-        [
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in [
-                (128, 256, 64, 3, 8),
-                (256, 128, 64, 3, 8),
-                (128, 128, 64, 4, 8),
-                (128, 128, 32, 4, 4),
-                (64, 256, 32, 4, 4),
-                (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4),
-                (64, 64, 32, 5, 2),
-            ]
-        ],
-        interpreter=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-    )
-
+# Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of each GEMM, per
+# kind of dtype and whether the backward applies dropout, each list led by the tile that
+# LORI_TRITON_AUTOTUNE=0 runs. Chosen with benchmarks/compile_check.py so that none spills on
+# sm_90 or sm_80 at widths that are multiples of 8 (benchmarks/results/compile_sm90.csv,
+# compile_sm80.csv). With dropout the backward's epilogue holds a tile of Philox words beside
+# the adapter's tile: the largest tiles spill there. float32 multiplies in IEEE fp32 on CUDA
+# cores, whose dot keeps its operands' whole K slice in registers: small tiles, and at r 64
+# the epilogue's K = 64 dot still spills 60-480 bytes, once per tile, outside the main loop.
+_TENSOR_CORE_TILES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 32, 4, 4),
+    (64, 256, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 5, 2),
+]
+_FLOAT32_TILES = [(32, 64, 32, 3, 4), (32, 32, 32, 3, 4)]
+TILES = {  # (gemm, "tensor_cores" (bfloat16, float16) or "float32", dropout) -> tiles
+    ("linear_expand", "tensor_cores", False): _TENSOR_CORE_TILES,
+    ("linear_shrink_backward", "tensor_cores", False): _TENSOR_CORE_TILES,
+    ("linear_shrink_backward", "tensor_cores", True): [
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 8),
+        (64, 256, 32, 4, 8),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 5, 2),
+    ],
+    ("linear_expand", "float32", False): [*_FLOAT32_TILES, (64, 32, 16, 3, 4)],
+    ("linear_shrink_backward", "float32", False): _FLOAT32_TILES,
+    ("linear_shrink_backward", "float32", True): _FLOAT32_TILES,
+}
 
 # The autotuning key: M enters as its power-of-two bucket, so a new batch length does not
 # tune again.
 _KEY = ["M_BUCKET", "N", "K", "R_PAD"]
+
+
+def _autotuned(kernel, gemm: str, key: list[str], operand: str):
+    """``kernel`` autotuned over ``TILES`` of ``gemm``, trying only those of its case (the
+    kind of ``operand``'s dtype, dropout or not: Triton's early pruning, so that
+    LORI_TRITON_AUTOTUNE=0 keeps the first tile of each case)."""
+    interpreter = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    cases = {
+        (kind, dropout): configs(
+            [
+                dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=s, num_warps=w)
+                for bm, bn, bk, s, w in tiles
+            ],
+            interpreter=interpreter,
+        )
+        for (name, kind, dropout), tiles in TILES.items()
+        if name == gemm
+    }
+    tuner = autotune([c for candidates in cases.values() for c in candidates], key)(kernel)
+
+    def of_case(candidates, named_args, **kwargs):
+        kind = "float32" if named_args[operand].dtype == torch.float32 else "tensor_cores"
+        wanted = cases[kind, bool(kwargs.get("DROPOUT", False))]
+        return [c for c in candidates if any(c is w for w in wanted)]
+
+    tuner.early_config_prune = of_case
+    return tuner
+
+
+def _vector(widths: tuple[int, ...], *row_major: torch.Tensor) -> int:
+    """8 when every width, and the row stride of every tensor (each with unit column
+    stride), is a multiple of 8 (a 16-byte vector of bfloat16 or float16), else 1. Triton
+    specialises multiples of 16 only; at widths like 4104 it would load element by element."""
+    aligned = all(w % 8 == 0 for w in widths) and all(t.stride(1) == 1 and t.stride(0) % 8 == 0 for t in row_major)
+    return 8 if aligned else 1
+
+
+@triton.jit
+def _multiple_of(x, VEC: tl.constexpr):
+    """``x``, a multiple of ``VEC``, computed so that Triton knows it is."""
+    return (x // VEC) * VEC
 
 
 @triton.jit
@@ -75,12 +141,13 @@ def _matmul_tile(
     stride_bn,
     row0,
     col0,
+    acc,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """float32 tile ``(a @ b)[row0:row0+BLOCK_M, col0:col0+BLOCK_N]`` of ``a [M, K] @ b [K, N]``.
+    """float32 tile ``acc + (a @ b)[row0:row0+BLOCK_M, col0:col0+BLOCK_N]`` of ``a [M, K] @ b [K, N]``.
     Rows and columns past the end wrap around (read in bounds, never stored), so only K is
     masked."""
     rm = (row0 + tl.arange(0, BLOCK_M)) % M
@@ -91,7 +158,6 @@ def _matmul_tile(
     # A step along K moves a transposed operand by BLOCK_K times its (M-sized) column stride.
     a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
     b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
         b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
@@ -113,7 +179,6 @@ def _store_tile(out_ptr, value, M, N, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N
     )
 
 
-@autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _linear_expand_kernel(
     x_ptr,
@@ -139,13 +204,23 @@ def _linear_expand_kernel(
     BO: tl.constexpr,
     BR: tl.constexpr,
     R_PAD: tl.constexpr,
+    VEC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    N, K = _multiple_of(N, VEC), _multiple_of(K, VEC)
+    stride_xm, stride_wn = _multiple_of(stride_xm, VEC), _multiple_of(stride_wn, VEC)
     row0, col0 = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # The epilogue first, the main loop accumulating onto it: no second fp32 tile is live.
+    acc = scaling * expand_tile(
+        h_ptr, bv_ptr, slot_ptr, M, N, R, N_BLOCK_COLS, row0, col0, BO, BR, R_PAD, PRECISION, BLOCK_M, BLOCK_N
+    )
+    if HAS_BIAS:
+        rn = col0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     acc = _matmul_tile(
         x_ptr,
         w_ptr,
@@ -158,21 +233,15 @@ def _linear_expand_kernel(
         stride_wn,
         row0,
         col0,
+        acc,
         PRECISION,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
     )
-    if HAS_BIAS:
-        rn = col0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    acc += scaling * expand_tile(
-        h_ptr, bv_ptr, slot_ptr, M, N, R, N_BLOCK_COLS, row0, col0, BO, BR, R_PAD, PRECISION, BLOCK_M, BLOCK_N
-    )
     _store_tile(y_ptr, acc, M, N, row0, col0, BLOCK_M, BLOCK_N)
 
 
-@autotune(configs=_configs(), key=_KEY + ["DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _linear_shrink_backward_kernel(
     dy_ptr,
@@ -199,31 +268,18 @@ def _linear_shrink_backward_kernel(
     RADEMACHER: tl.constexpr,
     DROPOUT: tl.constexpr,
     ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    N, K = _multiple_of(N, VEC), _multiple_of(K, VEC)
+    stride_dm, stride_wk = _multiple_of(stride_dm, VEC), _multiple_of(stride_wk, VEC)
     row0, col0 = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(
-        dy_ptr,
-        w_ptr,
-        M,
-        N,
-        K,
-        stride_dm,
-        stride_dk,
-        stride_wk,
-        stride_wn,
-        row0,
-        col0,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-    )
-    acc += shrink_backward_tile(
+    # The epilogue first, the main loop accumulating onto it: no second fp32 tile is live.
+    acc = shrink_backward_tile(
         g_ptr,
         M,
         N,
@@ -245,7 +301,31 @@ def _linear_shrink_backward_kernel(
         BLOCK_M,
         BLOCK_N,
     )
+    acc = _matmul_tile(
+        dy_ptr,
+        w_ptr,
+        M,
+        N,
+        K,
+        stride_dm,
+        stride_dk,
+        stride_wk,
+        stride_wn,
+        row0,
+        col0,
+        acc,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
     _store_tile(dx_ptr, acc, M, N, row0, col0, BLOCK_M, BLOCK_N)
+
+
+_linear_expand = _autotuned(_linear_expand_kernel, "linear_expand", _KEY, "x_ptr")
+_linear_shrink_backward = _autotuned(
+    _linear_shrink_backward_kernel, "linear_shrink_backward", _KEY + ["DROPOUT"], "dy_ptr"
+)
 
 
 def _grid(m: int, n: int):
@@ -274,7 +354,7 @@ def linear_expand(
         return y
     slots = block_slots(b_blocks, -(-n // bo), r // br)
     h, b_values = h.contiguous(), b_values.contiguous()
-    _linear_expand_kernel[_grid(m, n)](
+    _linear_expand[_grid(m, n)](
         x,
         weight,
         bias if bias is not None else x,
@@ -298,6 +378,7 @@ def linear_expand(
         BO=bo,
         BR=br,
         R_PAD=tile(r),
+        VEC=_vector((k, n), x, weight),
         PRECISION=dot_precision(x.dtype),
     )
     return y
@@ -323,7 +404,7 @@ def linear_shrink_backward(
     if m == 0:
         return dx
     g = g.contiguous()
-    _linear_shrink_backward_kernel[_grid(m, n)](
+    _linear_shrink_backward[_grid(m, n)](
         dy,
         weight,
         g,
@@ -339,6 +420,29 @@ def linear_shrink_backward(
         weight.stride(1),
         **rng_args(seed, n, dist, dropout_p, dropout_seed),
         R_PAD=tile(r),
+        VEC=_vector((k, n), dy, weight),
         PRECISION=dot_precision(dy.dtype),
     )
     return dx
+
+
+@triton.jit
+def _dot_probe_kernel(a_ptr, b_ptr, c_ptr, SIZE: tl.constexpr):
+    """``c = a @ b`` for contiguous ``SIZE x SIZE`` tiles, c in float32."""
+    i = tl.arange(0, SIZE)
+    offsets = i[:, None] * SIZE + i[None, :]
+    tl.store(c_ptr + offsets, tl.dot(tl.load(a_ptr + offsets), tl.load(b_ptr + offsets)))
+
+
+@functools.cache
+def interpreter_dot_is_right(dtype: torch.dtype) -> bool:
+    """Whether Triton's CPU interpreter (``TRITON_INTERPRET=1``) multiplies ``dtype`` tiles
+    right: one 16 x 16 ``tl.dot`` of small integers (exact in every dtype and in float32
+    accumulation) against torch, run once per process. triton 3.8's gets bfloat16 wrong (it
+    multiplies the raw bit patterns); tests/conftest.py replaces that dot for the tests and
+    calls ``interpreter_dot_is_right.cache_clear()``."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-3, 4, (16, 16), generator=g).to(dtype) for _ in range(2))
+    c = torch.empty(16, 16)
+    _dot_probe_kernel[(1,)](a, b, c, SIZE=16)
+    return torch.equal(c, a.float() @ b.float())
