@@ -32,7 +32,7 @@ from lori_kernels.block_index import block_slots
 from lori_kernels.triton_kernels.expand import expand_tile
 from lori_kernels.triton_kernels.indexing import tile_offsets
 from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile
-from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune_by_case, check_dtype, dot_precision, tile
 
 # Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of each GEMM, per
 # kind of dtype and whether the backward applies dropout, each list led by the tile that
@@ -75,30 +75,16 @@ _KEY = ["M_BUCKET", "N", "K", "R_PAD"]
 
 
 def _autotuned(kernel, gemm: str, key: list[str], operand: str):
-    """``kernel`` autotuned over ``TILES`` of ``gemm``, trying only those of its case (the
-    kind of ``operand``'s dtype, dropout or not: Triton's early pruning, so that
-    LORI_TRITON_AUTOTUNE=0 keeps the first tile of each case)."""
-    interpreter = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    """``kernel`` autotuned over ``TILES`` of ``gemm``, per case (``autotune_by_case``)."""
     cases = {
-        (kind, dropout): configs(
-            [
-                dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=s, num_warps=w)
-                for bm, bn, bk, s, w in tiles
-            ],
-            interpreter=interpreter,
-        )
+        (kind, dropout): [
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=s, num_warps=w) for bm, bn, bk, s, w in tiles
+        ]
         for (name, kind, dropout), tiles in TILES.items()
         if name == gemm
     }
-    tuner = autotune([c for candidates in cases.values() for c in candidates], key)(kernel)
-
-    def of_case(candidates, named_args, **kwargs):
-        kind = "float32" if named_args[operand].dtype == torch.float32 else "tensor_cores"
-        wanted = cases[kind, bool(kwargs.get("DROPOUT", False))]
-        return [c for c in candidates if any(c is w for w in wanted)]
-
-    tuner.early_config_prune = of_case
-    return tuner
+    interpreter = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    return autotune_by_case(kernel, cases, key, operand, interpreter)
 
 
 def _vector(widths: tuple[int, ...], *row_major: torch.Tensor) -> int:

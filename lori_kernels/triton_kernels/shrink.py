@@ -16,20 +16,31 @@ import triton.language as tl
 from lori_kernels import rng
 from lori_kernels.triton_kernels.indexing import tile_offsets
 from lori_kernels.triton_kernels.philox import a_tile, dropout_keep_tile, split_seed
-from lori_kernels.triton_kernels.tuning import autotune, check_dtype, configs, dot_precision, tile
+from lori_kernels.triton_kernels.tuning import autotune_by_case, check_dtype, dot_precision, tile
+
+# Autotuning candidates (BLOCK_M, BLOCK_K, num_warps) of both kernels per kind of dtype,
+# each led by the tile LORI_TRITON_AUTOTUNE=0 runs. bfloat16/float16: tiles of 64 x 64
+# elements per 4 warps, which spill on neither sm_90 nor sm_80 at widths that are multiples
+# of 8, with or without dropout (benchmarks/results/compile_sm90.csv, compile_sm80.csv;
+# 128 x 64 per 4 warps spilled there). float32 keeps A's and x's K slices in registers for
+# its IEEE dot: smaller tiles.
+_TENSOR_CORE_TILES = [(64, 64, 4), (128, 64, 8), (64, 128, 8)]
+_FLOAT32_TILES = [(32, 64, 4), (64, 64, 4)]
+TILES = {"tensor_cores": _TENSOR_CORE_TILES, "float32": _FLOAT32_TILES}
 
 
-def _configs():
-    return configs(
-        [
-            dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w)
-            for bm, bk, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]
-        ],
-        interpreter=dict(BLOCK_M=16, BLOCK_K=16),
-    )
+def _autotuned(kernel, operand: str, restore_value: list[str] | None = None):
+    """``kernel`` autotuned over ``TILES`` per case (``autotune_by_case``; dropout does not
+    change the tiles)."""
+    cases = {
+        (kind, dropout): [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w) for bm, bk, w in tiles]
+        for kind, tiles in TILES.items()
+        for dropout in (False, True)
+    }
+    interpreter = dict(BLOCK_M=16, BLOCK_K=16)
+    return autotune_by_case(kernel, cases, ["K", "R_PAD", "DROPOUT"], operand, interpreter, restore_value)
 
 
-@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_kernel(
     x_ptr,
@@ -118,7 +129,6 @@ def shrink_backward_tile(
     return out
 
 
-@autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"], restore_value=["dx_ptr"])
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_backward_kernel(
     g_ptr,
@@ -175,6 +185,10 @@ def _shrink_backward_kernel(
     tl.store(ptrs, (dx.to(tl.float32) + out).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+_shrink = _autotuned(_shrink_kernel, "x_ptr")
+_shrink_backward = _autotuned(_shrink_backward_kernel, "g_ptr", restore_value=["dx_ptr"])
+
+
 def rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dict:
     """The RNG arguments of a kernel regenerating A ``[*, d_in]`` and D ``[M, d_in]``."""
     key0, key1 = split_seed(seed)
@@ -203,7 +217,7 @@ def shrink(
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     if m == 0:
         return h
-    _shrink_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+    _shrink[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
         x,
         h,
         m,
@@ -228,7 +242,7 @@ def shrink_backward_(
     if m == 0:
         return dx
     g = g.contiguous()
-    _shrink_backward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
+    _shrink_backward[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
         g,
         dx,
         m,

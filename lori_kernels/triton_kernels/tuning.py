@@ -50,6 +50,33 @@ def autotune(configs: list[triton.Config], key: list[str], restore_value: list[s
     )
 
 
+def autotune_by_case(
+    kernel,
+    cases: dict[tuple[str, bool], list[dict]],
+    key: list[str],
+    operand: str,
+    interpreter: dict,
+    restore_value: list[str] | None = None,
+):
+    """``kernel`` autotuned over the options of every case, trying at a launch only those of
+    its case (Triton's early pruning): ``cases`` maps (kind of ``operand``'s dtype,
+    ``"tensor_cores"`` for bfloat16/float16 or ``"float32"``; whether the launch's ``DROPOUT``
+    is on) to its options, as ``configs`` takes them, led by the one ``LORI_TRITON_AUTOTUNE=0``
+    keeps. ``operand`` is passed by position. Tiles are chosen per case because their
+    register need differs: what fits in bfloat16 spills in float32 or beside a dropout mask
+    (``make compile-check``)."""
+    per_case = {case: configs(options, interpreter) for case, options in cases.items()}
+    tuner = autotune([c for candidates in per_case.values() for c in candidates], key, restore_value)(kernel)
+
+    def of_case(candidates, named_args, **kwargs):
+        kind = "float32" if named_args[operand].dtype == torch.float32 else "tensor_cores"
+        wanted = per_case[kind, bool(kwargs.get("DROPOUT", False))]
+        return [c for c in candidates if any(c is w for w in wanted)]
+
+    tuner.early_config_prune = of_case
+    return tuner
+
+
 def check_dtype(op: str, t: torch.Tensor) -> None:
     """Raises where the Triton kernels cannot take ``t``'s dtype on its device
     (``backends.triton_dtype_problem``): a kernel called directly refuses as
