@@ -7,6 +7,8 @@
 #                                            # the GPU tests, then the Triton/kernel test files
 #   bash benchmarks/gpu_session.sh kernels   # lori bench --suite kernels on cuda
 #   bash benchmarks/gpu_session.sh memory    # lori bench --suite memory, then storage
+#   bash benchmarks/gpu_session.sh roofline  # after kernels: the roofline model's prediction beside
+#                                            # each measured fwd+bwd ratio (roofline_vs_measured_cuda.csv)
 #
 # Logs and results go to $OUT (the folder the device tool brings back; default
 # benchmarks/results/gpu_session); the kernels suite writes its CSV after every case, so a
@@ -15,9 +17,9 @@
 # --report-only). Set LORI_BENCH_COMMIT to the commit measured: the copied tree has no .git.
 set -uo pipefail
 case "${1:-}" in
-test | kernels | memory) ;;
+test | kernels | memory | roofline) ;;
 *)
-    echo "usage: $0 test|kernels|memory" >&2
+    echo "usage: $0 test|kernels|memory|roofline" >&2
     exit 2
     ;;
 esac
@@ -54,5 +56,8 @@ memory)
     for suite in memory storage; do
         $py -m lori.bench --device cuda --suite "$suite" --results "$out" 2>&1 | tee "$out/bench_$suite.log" | tail -30
     done
+    ;;
+roofline)
+    $py -m lori.bench.roofline "$out" 2>&1 | tee "$out/roofline_vs_measured.log" | tail -60
     ;;
 esac

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lori.bench import memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,7 +39,7 @@ def test_quick_writes_csv_json_png(quick):
     results, stdout = quick
     for suite, tables in {
         "kernels": ["kernels"],
-        "memory": ["memory_layer", "memory_model"],
+        "memory": ["memory_layer", "memory_model", "memory_loss"],
         "storage": ["storage"],
     }.items():
         document = json.loads((results / f"{suite}_cpu.json").read_text())
@@ -90,6 +93,20 @@ def test_quick_memory(quick):
         assert int(lori_s["trainable_params"]) < 0.5 * int(model[("lori_d", dropout)]["trainable_params"])
         assert int(lori_s["adamw_bytes"]) < int(peft["adamw_bytes"])
         assert 0 < int(lori_s["peak_bytes"]) < int(peft["peak_bytes"])
+
+
+def test_loss_peak_on_meta_is_the_real_peak():
+    """The memory_loss table counts live tensors on the meta device; on real CPU tensors the
+    peak is the same, byte for byte, with the full logits and in chunks."""
+    for chunk in memory.LOSS_CHUNKS:
+        peaks = [memory.loss_peak(2048, 32, 1536, torch.bfloat16, chunk, torch.device(d)) for d in ("cpu", "meta")]
+        assert peaks[0] == peaks[1] > 0
+
+
+def test_committed_loss_memory_row():
+    """issue 16: the chunked loss cuts the loss's peak by at least 4x at vocab 128k, 8k tokens."""
+    table = {int(r["loss_chunk_tokens"]): int(r["peak_bytes"]) for r in rows(RESULTS / "memory_loss_cpu.csv")}
+    assert table[0] >= 4 * table[1024] and table[0] > 128256 * 8192 * 4  # at least the fp32 logits
 
 
 def test_quick_storage(quick):

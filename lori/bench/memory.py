@@ -32,6 +32,15 @@ training step (forward, backward, AdamW step), measured after a warm-up step:
 CPU model: Llama-3-8B's proportions / 4 (hidden 1024, MLP 3584, 8 + 2 heads of 128),
 2 layers, vocab 1024, 512 tokens, float32. GPU: Llama-3-8B's sizes, 2 layers, vocab 1024,
 8192 tokens, bf16. The small vocabulary keeps the logits from dominating the peak.
+
+Table ``memory_loss``: the loss at Llama-3-8B's vocabulary (128,256) and width (4096), 8192
+tokens, bf16: the peak of ``lori.train.loss.response_loss_sum`` and its backward (every
+token a response token) over a model with no decoder layers (embedding, norm, output
+layer: what remains is the loss), with the full logits (``chunk_tokens`` 0) and in chunks
+of 1024 tokens (``lori train``'s default). GPU: ``torch.cuda.max_memory_allocated``. CPU:
+the live-tensor peak on the ``meta`` device (no data, no time; every output of an operator
+has its real size), which equals the peak on real CPU tensors (tests/test_benchmarks.py
+checks that at a small size).
 """
 
 from __future__ import annotations
@@ -78,10 +87,12 @@ def model_case(device_type: str, quick: bool) -> ModelCase:
 
 class LiveTensors(TorchDispatchMode):
     """Bytes of the live tensor storages: those registered with ``hold`` and every one an
-    operator returns while the mode is on, until it is freed; ``peak`` is the most at once."""
+    operator returns while the mode is on, until it is freed; ``peak`` is the most at once.
+    ``meta`` tensors count only with ``meta=True``."""
 
-    def __init__(self):
+    def __init__(self, meta: bool = False):
         super().__init__()
+        self.meta = meta
         self.live: dict[int, int] = {}
         self.now = self.peak = 0
 
@@ -105,7 +116,7 @@ class LiveTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and (self.meta or t.device.type != "meta"):
                 self._track(t)
         return out
 
@@ -274,7 +285,79 @@ def model_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
     return rows
 
 
+LOSS_CHUNKS = (0, 1024)  # full logits, lori train's default --loss-chunk-tokens
+
+
+def loss_peak(vocab: int, hidden: int, tokens: int, dtype: torch.dtype, chunk_tokens: int, device: torch.device) -> int:
+    """Peak bytes, beyond the model's own tensors, of ``response_loss_sum`` and its backward
+    over a Llama with no decoder layers (a frozen base; the embedding's output requires grad
+    so that backward runs), ``tokens`` response tokens, on ``device`` ("meta": counted by
+    ``LiveTensors``; "cuda": ``max_memory_allocated``; "cpu": ``LiveTensors``)."""
+    import torch.fx.experimental._config as fx_config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lori.train.loss import response_loss_sum
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        num_hidden_layers=0,
+        num_attention_heads=1,
+        max_position_embeddings=tokens,
+        tie_word_embeddings=False,
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    batch = dict(input_ids=ids, attention_mask=None, labels=ids)
+    own = [*model.parameters(), *model.buffers(), ids]
+    # The response positions are selected by a boolean mask (nonzero): on meta its size is
+    # unknown unless every position is assumed chosen, which every one here is.
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            held = torch.cuda.memory_allocated(device)
+            response_loss_sum(model, batch, chunk_tokens).backward()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - held
+        with LiveTensors(meta=device.type == "meta") as tracker:
+            tracker.hold(own)
+            held = tracker.now
+            response_loss_sum(model, batch, chunk_tokens).backward()
+        return tracker.peak - held
+
+
+def loss_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
+    vocab, hidden, tokens = (4096, 64, 2048) if quick else (128256, LLAMA3_8B["hidden_size"], 8192)
+    where = device if device.type == "cuda" else torch.device("meta")
+    method = "cuda_max_memory_allocated" if device.type == "cuda" else "live_tensor_storages_on_meta"
+    rows = []
+    for chunk in LOSS_CHUNKS:
+        peak = loss_peak(vocab, hidden, tokens, torch.bfloat16, chunk, where)
+        rows.append(
+            {
+                **env,
+                "vocab": vocab,
+                "hidden": hidden,
+                "tokens": tokens,
+                "dtype": "bfloat16",
+                "loss_chunk_tokens": chunk,
+                "peak_bytes": peak,
+                "peak_method": method,
+            }
+        )
+        log.info("loss, vocab %d, %d tokens, chunks of %s: peak %.1f MB", vocab, tokens, chunk or "all", peak / 1e6)
+    return rows
+
+
 def run(device: torch.device, *, quick: bool = False, full: bool = False, backends: list[str] | None = None) -> dict:
-    """The memory suite on ``device``: tables ``memory_layer`` and ``memory_model``."""
+    """The memory suite on ``device``: tables ``memory_layer``, ``memory_model`` and ``memory_loss``."""
     env = environment(device)
-    return {"memory_layer": layer_rows(device, backends, env, quick), "memory_model": model_rows(device, env, quick)}
+    return {
+        "memory_layer": layer_rows(device, backends, env, quick),
+        "memory_model": model_rows(device, env, quick),
+        "memory_loss": loss_rows(device, env, quick),
+    }

@@ -177,6 +177,27 @@ def memory_markdown(layer: list[dict], model: list[dict]) -> str:
     return "\n".join(out)
 
 
+def loss_memory_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    first = rows[0]
+    out = [
+        f"The loss and its backward at vocab {first['vocab']:,}, hidden {first['hidden']}, {first['tokens']} tokens, "
+        f"{first['dtype']} (peak: {first['peak_method'].replace('_', ' ')}):\n"
+    ]
+    full = next((r["peak_bytes"] for r in rows if r["loss_chunk_tokens"] == 0), None)
+    table = [
+        [
+            "full logits" if r["loss_chunk_tokens"] == 0 else f"chunks of {r['loss_chunk_tokens']} tokens",
+            _mb(r["peak_bytes"]),
+            f"{full / r['peak_bytes']:.1f}x" if full else "-",
+        ]
+        for r in rows
+    ]
+    out.append(_table(["loss", "peak, MB", "full logits' peak / this"], table))
+    return "\n".join(out)
+
+
 def storage_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -274,6 +295,77 @@ def interference_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+ROOFLINE_PLANS = ("triton", "triton_epilogue", "cuda_ext", "reference", "proposed")
+
+
+def roofline_markdown(rows: list[dict], kernels: list[dict], assumptions: list[dict]) -> str:
+    """The ``roofline`` model's tables: predicted ratios at the target case (Llama-3-8B, M 8192,
+    r 32, sparsity 0.9) per projection and per decoder layer (and Llama-3-70B's), the Triton GEMM
+    efficiency each Triton-GEMM plan needs for 1.05×, the kernels at the kernels suite's centre
+    shape, and the assumptions."""
+    if not rows:
+        return ""
+    first = rows[0]
+    centre = [r for r in rows if (r["M"], r["r"], r["sparsity"]) == (8192, 32, 0.9)]
+    shown = [r for r in centre if r["model"] == "Llama-3-8B" or r["projection"] == "decoder layer"]
+    cells = {(r["model"], r["projection"], r["dropout"], r["plan"]): r for r in shown}
+    plans = [p for p in ROOFLINE_PLANS if any(r["plan"] == p for r in shown)]
+    cases = list(dict.fromkeys((r["model"], r["projection"], r["in"], r["out"], r["dropout"]) for r in shown))
+    out = [
+        f"Roofline model (`lori bench --suite roofline`, commit {first['commit']}, {first['date']}; predicted, no GPU "
+        "measured): each backend's forward + backward kernel plan (the code's, checked by tests/test_roofline.py) "
+        "over the frozen base linear's (cuBLAS), on an H100 SXM / an H200 at datasheet peaks times the efficiencies "
+        "below; M 8192, r 32, block sparsity 0.9, bf16. `proposed` is no backend: the base GEMMs computing h and dx "
+        "themselves (x and dx through memory once).\n"
+    ]
+    table = [
+        [model, projection, f"{inp} × {outf}" if inp != "-" else "-", f"{dropout:g}"]
+        + [
+            f"{cells[(model, projection, dropout, p)]['h100_ratio']:.2f}× / "
+            f"{cells[(model, projection, dropout, p)]['h200_ratio']:.2f}×"
+            for p in plans
+        ]
+        for model, projection, inp, outf, dropout in cases
+    ]
+    out.append(_table(["model", "projection", "in × out", "dropout"] + [f"{p} (H100 / H200)" for p in plans], table))
+    gemm_plans = [p for p in plans if any(cells[c]["h100_break_even"] != "-" for c in cells if c[3] == p)]
+    layers = [c for c in cases if c[1] == "decoder layer"]
+    if gemm_plans and layers:
+        out.append(
+            "\nTriton GEMM efficiency (fraction of the bf16 peak) at which a plan reaches 1.05× per decoder layer, "
+            "and in parentheses its ratio if its GEMMs ran at cuBLAS's efficiency:\n"
+        )
+
+        def needed(row: dict, key: str) -> str:
+            return f"{row[f'{key}_break_even']} ({row[f'{key}_ratio_cublas_gemm']:.2f}×)"
+
+        table = [
+            [model, f"{dropout:g}"]
+            + [
+                f"{needed(cells[(model, projection, dropout, p)], 'h100')} / "
+                f"{needed(cells[(model, projection, dropout, p)], 'h200')}"
+                for p in gemm_plans
+            ]
+            for model, projection, _, _, dropout in layers
+        ]
+        out.append(_table(["model", "dropout"] + [f"{p} (H100 / H200)" for p in gemm_plans], table))
+    at = [k for k in kernels if (k["M"], k["in"], k["out"], k["r"], k["sparsity"]) == (8192, 4096, 14336, 32, 0.9)]
+    at = [k for k in at if k["dropout"] == 0 and k["plan"] in ("base", "triton", "triton_epilogue", "proposed")]
+    if at:
+        out.append("\nBy kernel at 4096 × 14336 (the kernels suite's centre), dropout 0, H100 SXM:\n")
+        table = [
+            [k["plan"], k["pass"], f"`{k['kernel']}`", f"{k['MB']:g}", f"{k['tensor_GFLOP'] + k['core_GFLOP']:g}"]
+            + [f"{k['int_Gops']:g}", k["launches"], f"{k['h100_us']:g}", k["h100_bound"]]
+            for k in at
+        ]
+        header = ["plan", "pass", "kernel", "MB", "GFLOP", "integer Gop", "launches", "µs", "bound by"]
+        out.append(_table(header, table))
+    if assumptions:
+        out.append("\nAssumptions (`lori/bench/roofline.py`):\n")
+        out.append(_table(["constant", "value"], [[f"`{a['name']}`", f"{a['value']:g}"] for a in assumptions]))
+    return "\n".join(out)
+
+
 def markdown(results: Path = RESULTS) -> str:
     """Every results table under ``results`` as markdown, one section per device."""
     sections = []
@@ -285,6 +377,7 @@ def markdown(results: Path = RESULTS) -> str:
             else "",
             merge_markdown(_load(results, "merge", device)),
             memory_markdown(_load(results, "memory_layer", device), _load(results, "memory_model", device)),
+            loss_memory_markdown(_load(results, "memory_loss", device)),
             storage_markdown(_load(results, "storage", device)),
             interference_markdown(_load(results, "interference", device)),
         ]
@@ -298,6 +391,9 @@ def markdown(results: Path = RESULTS) -> str:
                 f"commit {env['commit']}, {env['date']}"
             )
         sections.append(f"#### {where}\n\n" + "\n\n".join(parts))
+    roofline = [_load(results, table, "model") for table in ("roofline", "roofline_kernels", "roofline_assumptions")]
+    if roofline[0]:
+        sections.append("#### Roofline model: H100 SXM and H200, predicted\n\n" + roofline_markdown(*roofline))
     return "\n\n".join(sections)
 
 
