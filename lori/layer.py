@@ -1,4 +1,5 @@
-"""``LoRILinear``: a frozen ``nn.Linear`` plus a LoRI adapter, one fused op per call."""
+"""``LoRILinear``: a frozen ``nn.Linear`` plus a LoRI adapter, one fused op per call, and
+``NamedAdapter``: one more (frozen) adapter of the same layer, loaded beside it by name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 import lori_kernels
 from lori_kernels import block_sparse, rng
 
-__all__ = ["LoRILinear", "count_training_forward"]
+__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward"]
 
 
 class LoRILinear(nn.Module):
@@ -42,6 +43,13 @@ class LoRILinear(nn.Module):
     ``load_state_dict`` checks what it would load into the layer (the seed, the kept
     blocks, shapes and dtypes) before anything of it is copied, and raises a ValueError
     naming the layer and the fault.
+
+    Several adapters (``lori.load_lori(..., adapter_name=...)``, as PEFT's ``load_adapter``):
+    the layer's own adapter is named ``adapter_name`` ("default" unless loaded under another
+    name); others are ``NamedAdapter`` modules in ``lori_adapters`` (a ``ModuleDict`` that
+    exists once one is loaded). ``active_adapter`` names the one that runs
+    (``lori.set_adapter``); ``mixed_batch``, set by ``lori.adapter_batch``, runs one adapter
+    per batch row instead.
     """
 
     def __init__(
@@ -94,32 +102,46 @@ class LoRILinear(nn.Module):
         self._own_count = self.register_forward_pre_hook(count_training_forward)
         self.enabled = True
         self.fold = None  # while the adapter is folded into the base weight (lori.merge_adapter)
+        self.adapter_name = self.active_adapter = "default"
+        self.mixed_batch = None  # lori.serving's per-row adapters, inside lori.adapter_batch
         self.register_load_state_dict_pre_hook(_check_state_before_load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.fold is not None or self.b_values.shape[0] == 0:
+        if not self.enabled or self.fold is not None:
+            return self.base_layer(x)
+        if self.mixed_batch is not None:
+            return self.mixed_batch(self, x)
+        adapter = self if self.active_adapter == self.adapter_name else self.lori_adapters[self.active_adapter]
+        if adapter.b_values.shape[0] == 0:
             return self.base_layer(x)
         weight = self.base_layer.weight
         p = self.dropout if self.training else 0.0
-        dropout_seed = rng.dropout_seed_tensor(self.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
-        stored = self.stored_a is not None
+        dropout_seed = rng.dropout_seed_tensor(adapter.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
+        stored = adapter.stored_a is not None
         y = lori_kernels.lori_linear(
             x.to(weight.dtype),
             weight,
             self.base_layer.bias,
-            None if stored else self.layer_seed,
-            self.b_values.to(weight.dtype),
-            self.b_blocks,
-            r=self.r,
-            block=self.block,
-            scaling=self.scaling,
-            dist=self.dist,
+            None if stored else adapter.layer_seed,
+            adapter.b_values.to(weight.dtype),
+            adapter.b_blocks,
+            r=adapter.r,
+            block=adapter.block,
+            scaling=adapter.scaling,
+            dist=adapter.dist,
             dropout_p=p,
             dropout_seed=dropout_seed,
             backend=self.backend,
-            a=self.stored_a.to(weight.dtype) if stored else None,
+            a=adapter.stored_a.to(weight.dtype) if stored else None,
         )
-        return y.to(x.dtype)
+        # Under autocast y stays in the autocast dtype, as nn.Linear's output does.
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+    def named_adapters(self) -> dict[str, LoRILinear | NamedAdapter]:
+        """Every adapter of this layer by name: its own first (the layer itself), then the
+        ``NamedAdapter`` modules loaded beside it."""
+        others = self._modules.get("lori_adapters")
+        return {self.adapter_name: self, **(dict(others.items()) if others is not None else {})}
 
     def share_dropout_calls(self, calls: torch.Tensor) -> None:
         """Count training forwards in ``calls``, a model's count that a forward pre-hook on
@@ -157,6 +179,46 @@ class LoRILinear(nn.Module):
             f"dropout={self.dropout:g}, "
             + ("A stored" if self.stored_a is not None else f"seed={self.layer_seed:#018x}")
         )
+
+
+class NamedAdapter(nn.Module):
+    """One more adapter of a ``LoRILinear``, loaded beside the layer's own under a name
+    (``lori.load_lori(..., adapter_name=...)``): the same fields as the layer's adapter
+    (buffers ``seed``, ``b_blocks``, ``stored_a``; ``b_values``, a frozen parameter: extra
+    adapters serve, they do not train) and its ``config`` (a ``LoRIConfig``, for
+    ``save_lori``). Built from a checkpoint's checked tensors, copied."""
+
+    def __init__(
+        self,
+        layer: LoRILinear,
+        config,
+        *,
+        seed: torch.Tensor,
+        b_values: torch.Tensor,
+        b_blocks: torch.Tensor,
+        stored_a: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        device = layer.b_values.device
+        self.config = config
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        # As a layer installed from the same checkpoint computes them (lori.updates.install).
+        self.r, self.alpha = config.r, float(config.scaling * config.r)
+        self.scaling = self.alpha / self.r
+        self.block, self.dist = tuple(config.block), config.dist
+        self.register_buffer("seed", seed.detach().reshape(()).to(device, torch.int64, copy=True))
+        self.register_buffer("b_blocks", b_blocks.detach().to(device, torch.int32, copy=True).contiguous())
+        self.b_values = nn.Parameter(b_values.detach().to(device, torch.float32, copy=True), requires_grad=False)
+        a = None if stored_a is None else stored_a.detach().to(device, torch.float32, copy=True).contiguous()
+        self.register_buffer("stored_a", a)
+        self.layer_seed = rng.to_uint64(self.seed)
+
+    full_b_values = LoRILinear.full_b_values
+    b_dense = LoRILinear.b_dense
+    mask = LoRILinear.mask
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, block={self.block}, nnz={self.b_blocks.shape[0]}"
 
 
 def count_training_forward(module: nn.Module, args) -> None:

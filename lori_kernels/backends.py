@@ -44,9 +44,13 @@ class LayerKernels(NamedTuple):
     # shrink_backward_ in place).
     linear_expand: Callable | None = None  # (x, weight, bias, h, b_values, b_blocks, scaling) -> y
     linear_shrink_backward: Callable | None = None  # (dy, weight, g, seed, dist, dropout_p, dropout_seed) -> dx
+    # Optional segmented expand of mixed-adapter batches (lori_linear_multi; None: expand_ per
+    # segment, reference.expand_segments_ref_):
+    # (y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling): y[rows[i]] += scaling[s] * h[i] @ B_s.T
+    expand_segments_: Callable | None = None
 
 
-OPS = ("lori_linear", "generate_a", "delta_weight")  # the public ops a backend may serve
+OPS = ("lori_linear", "generate_a", "delta_weight", "lori_linear_multi")  # the public ops a backend may serve
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,13 @@ import torch
 from lori_kernels import rng
 from lori_kernels.block_sparse import check_b_layout, check_block
 
-__all__ = ["COMPUTE_DTYPES", "LayerSpec", "check_delta_weight_args", "check_lori_linear_args"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "LayerSpec",
+    "check_delta_weight_args",
+    "check_lori_linear_args",
+    "check_lori_linear_multi_args",
+]
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,16 +77,16 @@ def _check_seed_or_a(seed, a, r: int, in_features: int, like: torch.Tensor, like
     return 0
 
 
-def check_lori_linear_args(
-    x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a
-) -> LayerSpec:
-    """The ``LayerSpec`` of a ``lori_linear`` call (arguments in its order), once they are right."""
+def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
+    """The checks of ``x`` and the frozen ``weight`` and ``bias`` that the layer operators
+    share; returns ``(out_features, in_features)``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in COMPUTE_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (its last is in_features)")
+    if x.dim() < min_dims:
+        least = "one dimension" if min_dims == 1 else f"{min_dims} dimensions (rows first)"
+        raise ValueError(f"x must have at least {least} (its last is in_features)")
     _check_tensor("weight", weight, x)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -101,6 +107,14 @@ def check_lori_linear_args(
             raise ValueError(f"bias must have shape [{out_features}], got {tuple(bias.shape)}")
         if bias.requires_grad:
             raise ValueError("bias requires grad, but LoRI keeps it frozen; detach it")
+    return out_features, in_features
+
+
+def check_lori_linear_args(
+    x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a
+) -> LayerSpec:
+    """The ``LayerSpec`` of a ``lori_linear`` call (arguments in its order), once they are right."""
+    out_features, in_features = _check_base(x, weight, bias)
     block = _check_common(r, block, scaling, dist)
     check_b_layout(b_values, b_blocks, block)
     _check_tensor("b_values", b_values, x)
@@ -146,3 +160,63 @@ def check_delta_weight_args(
     like = b_values.new_empty(0, dtype=torch.float32)  # a stored A is taken in float32
     seed = _check_seed_or_a(seed, None if a is None else a.float(), r, in_features, like, "b_values")
     return seed, range(*columns.indices(in_features))
+
+
+MULTI_GRAD_ERROR = (
+    "lori_linear_multi (mixed-adapter batches) is inference only and has no gradients: run it under "
+    "torch.no_grad() or torch.inference_mode(), with no input requiring grad"
+)
+
+
+def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters):
+    """``(adapters, row_adapters as a tuple of ints, tokens per row)`` of a ``lori_linear_multi``
+    call (arguments in its order), once they are right; ``adapters`` as given (specs or packed)."""
+    from lori_kernels.multi import AdapterSpec, PackedAdapters
+
+    out_features, in_features = _check_base(x, weight, bias, min_dims=2)
+    if isinstance(adapters, PackedAdapters):  # pack_adapters checked them: one dtype and device
+        specs = adapters.adapters
+        if adapters.out_features != out_features:
+            raise ValueError(
+                f"the adapters were packed for {adapters.out_features} outputs, the weight has {out_features}"
+            )
+        checked = [(k, spec) for k, spec in enumerate(specs) if spec.a is not None]
+        _check_tensor("adapters[0].b_values", specs[0].b_values, x)
+        requires_grad = adapters.requires_grad
+    elif isinstance(adapters, (list, tuple)) and adapters:
+        specs = adapters
+        for k, spec in enumerate(specs):
+            if not isinstance(spec, AdapterSpec):
+                raise TypeError(f"adapters[{k}] must be a lori_kernels.AdapterSpec, got {type(spec).__name__}")
+        checked = list(enumerate(specs))
+        requires_grad = any(spec.b_values.requires_grad for spec in specs)
+    else:
+        raise TypeError(
+            "adapters must be a non-empty list of lori_kernels.AdapterSpec or lori_kernels.pack_adapters(...)"
+        )
+    for k, spec in checked:
+        _check_tensor(f"adapters[{k}].b_values", spec.b_values, x)
+        if spec.a is not None:
+            _check_tensor(f"adapters[{k}].a", spec.a, x)
+            if tuple(spec.a.shape) != (spec.r, in_features):
+                raise ValueError(
+                    f"adapters[{k}].a must have shape [r, in] = [{spec.r}, {in_features}], got {list(spec.a.shape)}"
+                )
+    if torch.is_grad_enabled() and (x.requires_grad or requires_grad):
+        raise RuntimeError(MULTI_GRAD_ERROR)
+    if isinstance(row_adapters, torch.Tensor):
+        if row_adapters.is_floating_point() or row_adapters.is_complex() or row_adapters.dim() != 1:
+            raise TypeError(
+                f"row_adapters must be a 1-D integer tensor, got {row_adapters.dtype} {list(row_adapters.shape)}"
+            )
+        row_adapters = row_adapters.tolist()
+    rows = tuple(row_adapters)
+    if len(rows) != x.shape[0]:
+        raise ValueError(f"row_adapters has {len(rows)} entries but x has {x.shape[0]} rows (its first dimension)")
+    bad = [a for a in rows if not isinstance(a, int) or not -1 <= a < len(specs)]
+    if bad:
+        raise ValueError(
+            f"row_adapters must hold adapter indices in [0, {len(specs)}) or -1 (the base), got {bad[0]!r}"
+        )
+    tokens = x[0].numel() // in_features if x.shape[0] else 0
+    return adapters, rows, tokens

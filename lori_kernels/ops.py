@@ -1,4 +1,4 @@
-"""The public operators ``lori_linear``, ``generate_a`` and ``delta_weight``: each checks its
+"""The public operators ``lori_linear``, ``lori_linear_multi``, ``generate_a`` and ``delta_weight``: each checks its
 arguments (``checks``), asks ``backends.resolve`` which backend runs it and calls that
 backend's fused layer (``fused.LAYERS``) or kernels. Models and merging reach the kernels
 only through these.
@@ -6,12 +6,15 @@ only through these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from lori_kernels import backends, fused, rng
-from lori_kernels.checks import check_delta_weight_args, check_lori_linear_args
+from lori_kernels import backends, fused, multi, rng
+from lori_kernels.checks import check_delta_weight_args, check_lori_linear_args, check_lori_linear_multi_args
+from lori_kernels.multi import AdapterSpec, PackedAdapters
 
-__all__ = ["delta_weight", "generate_a", "lori_linear"]
+__all__ = ["delta_weight", "generate_a", "lori_linear", "lori_linear_multi"]
 
 
 def lori_linear(
@@ -42,13 +45,60 @@ def lori_linear(
     tensor (best on the CPU: it is read on the host), which ``torch.compile`` neither guards
     on nor reads while tracing. Differentiable in ``x`` and ``b_values``, once (no
     second-order gradients); only ``x @ A.T`` (M x r) is saved for backward. ``x`` may have
-    leading batch dimensions.
+    leading batch dimensions. Under ``torch.autocast`` for x's device the layer runs in the
+    autocast dtype, as ``F.linear`` does: the floating-point arguments are cast to it (``b_values``
+    differentiably, so its gradient reaches the float32 parameter in float32).
     """
+    x, weight, bias, b_values, a = _autocast(x, weight, bias, b_values, a)
     spec = check_lori_linear_args(
         x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a
     )
     layer = fused.LAYERS[backends.resolve(backend, "lori_linear", x.device, x.dtype)]
     return layer(x, weight, bias, b_values, b_blocks, spec, a)
+
+
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` cast to the autocast dtype when autocast is on for the first one's device
+    (None stays None); as they are otherwise."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def lori_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_adapters,
+    adapters: PackedAdapters | Sequence[AdapterSpec],
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Many LoRI adapters of one layer in one batch: row ``i`` of ``x`` (its first dimension)
+    gets ``y_i = x_i @ W.T + b + s_a * (x_i @ A_a.T) @ B_a.T`` with ``a = row_adapters[i]``, or
+    the base alone where ``row_adapters[i]`` is -1.
+
+    ``adapters`` are ``lori_kernels.AdapterSpec`` (seed or stored A, compact B as in
+    ``lori_linear``, r, block, scaling, dist; ``b_values`` in x's dtype), or those packed once
+    by ``lori_kernels.pack_adapters(adapters, out_features)`` for many calls (packing
+    concatenates B: a copy). Adapters with the same seed, r and dist share one shrink
+    ``h = x_g @ A.T`` over all their rows; each block shape of a group then runs one segmented
+    block-sparse expand over its rows sorted by adapter (Punica's SGMV segments).
+    ``row_adapters`` (ints, or an integer tensor read on the host: segment sizes set the
+    launch) has one entry per row of ``x``, which may have more dimensions (``[batch, tokens,
+    in]``: each row's tokens share its adapter). Each row's result equals ``lori_linear`` with
+    its adapter alone, up to summation order. Inference only: no dropout, and nothing may
+    require grad under grad mode (run it under ``torch.no_grad()``).
+    """
+    packed, rows, tokens = check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters)
+    if not isinstance(packed, PackedAdapters):
+        packed = multi.pack_adapters(packed, weight.shape[0])
+    name = backends.resolve(backend, "lori_linear_multi", x.device, x.dtype)
+    x2 = x.reshape(-1, weight.shape[1]).contiguous()
+    y = multi.forward(backends.kernels(name), x2, weight, bias, packed, packed.plan(rows, tokens))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def generate_a(

@@ -1,7 +1,8 @@
 """The ``"reference"`` backend in plain torch: the twin every fast kernel is tested against.
 
 Its kernels mirror the fast backends' one for one (``*_ref`` twins of shrink,
-shrink_backward_, expand_, expand_backward, sddmm and generate_a: ``KERNELS``) and are
+shrink_backward_, expand_, expand_backward, sddmm and generate_a: ``KERNELS``; and
+``expand_segments_ref_``, the twin of the Triton segmented expand of mixed batches) and are
 composed by the same ``fused.FusedLayer`` as every backend's:
 
     h  = (x * D) @ A.T                     [M, r]   the only activation saved
@@ -16,6 +17,8 @@ different seeds) through them.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -62,6 +65,30 @@ def expand_ref_(y, h, b_values, b_blocks, scaling):
     y.add_((h @ scatter_blocks(b_values, b_blocks, y.shape[1], h.shape[1]).t()) * scaling)
 
 
+def expand_per_segment_(y, h, rows, counts, parts, expand_=expand_ref_):
+    """``y[rows[i]] += s_k * h[i] @ B_k.T`` in place for consecutive segments of ``counts[k]``
+    rows of ``h``, ``parts[k] = (b_values, b_blocks, s_k)``: one ``expand_`` (this backend's, or
+    the one given) per segment into a zero tile, added at the segment's rows. How the backends
+    without a segmented expand kernel run mixed batches."""
+    start = 0
+    for count, (b_values, b_blocks, scaling) in zip(counts, parts, strict=True):
+        if count and b_values.shape[0]:
+            tile = y.new_zeros(count, y.shape[1])
+            expand_(tile, h[start : start + count], b_values, b_blocks, scaling)
+            y.index_add_(0, rows[start : start + count], tile)
+        start += count
+
+
+def expand_segments_ref_(y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling):
+    """``y[rows[i]] += scaling[s] * h[i] @ B_s.T`` in place for the rows ``i`` of each segment
+    ``s`` (``seg_ptr[s]:seg_ptr[s+1]``), B_s the blocks ``row_ptr[s, 0]:row_ptr[s, -1]`` of the
+    concatenated ``b_values`` / ``b_blocks``: the Triton kernel's twin, over
+    ``expand_per_segment_``. ``longest`` (the largest segment) sizes a kernel's launch; unused."""
+    bounds, blocks = seg_ptr.tolist(), row_ptr[:, [0, -1]].tolist()
+    parts = [(b_values[lo:hi], b_blocks[lo:hi], s) for (lo, hi), s in zip(blocks, scaling.tolist(), strict=True)]
+    expand_per_segment_(y, h, rows, [hi - lo for lo, hi in itertools.pairwise(bounds)], parts)
+
+
 def expand_backward_ref(dy, b_values, b_blocks, r, scaling):
     """``g = scaling * dy @ B``."""
     return (dy @ scatter_blocks(b_values, b_blocks, dy.shape[1], r)) * scaling
@@ -73,5 +100,10 @@ def sddmm_ref(dy, h, b_blocks, bo, br, scaling):
 
 
 KERNELS = LayerKernels(
-    shrink_ref, shrink_backward_ref_, expand_ref_, expand_backward_ref, sddmm_ref, rng.generate_a_tile
+    shrink_ref,
+    shrink_backward_ref_,
+    expand_ref_,
+    expand_backward_ref,
+    sddmm_ref,
+    rng.generate_a_tile,
 )

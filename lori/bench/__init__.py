@@ -8,12 +8,15 @@ under the environment and the settings of the run) into the results directory; t
 PNG plots are drawn from every results file there and the tables printed as markdown.
 
 Modules: ``common`` (environment, timing, results files), ``kernels``, ``memory``,
-``storage``, ``interference`` (one ``run(device, quick=, full=, backends=) -> {table: rows}``
+``storage``, ``interference``, ``roofline`` (one ``run(device, quick=, full=, backends=) -> {table: rows}``
 each) and ``report`` (markdown tables and PNG plots from the results files). The
 pytest-benchmark suites over the same cases are the checkout's ``benchmarks/test_*.py``.
 ``interference`` measures no speed but the LoRI paper's claims in miniature (merging and
 continual learning on toy tasks, minutes of training): it runs only when named,
-``--suite interference``, not with ``all``.
+``--suite interference``, not with ``all``. ``roofline`` measures nothing either: it predicts
+each backend's layer time on an H100 SXM and an H200 from its kernel plan (pure arithmetic,
+seconds), into ``roofline*_model.csv`` whatever the device. ``serving`` (many adapters in one
+batch against PEFT's mixed batch) runs only when named, ``--suite serving``.
 
 Wired into ``lori`` as ``lori bench``; also ``python -m lori.bench``.
 """
@@ -33,8 +36,8 @@ __all__ = ["SUITES", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 
-SUITES = ("kernels", "memory", "storage", "interference")
-ALL = ("kernels", "memory", "storage")  # --suite all: the speed, memory and storage benchmarks
+SUITES = ("kernels", "memory", "storage", "interference", "roofline", "serving")
+ALL = ("kernels", "memory", "storage", "roofline")  # --suite all: speed, memory, storage and the roofline model
 DEFAULT_RESULTS = RESULTS
 
 
@@ -110,13 +113,15 @@ def run(args: argparse.Namespace) -> int:
             options = dict(quick=args.quick, full=args.full, backends=args.backends)
             if name == "kernels":  # the long suite: its rows are written after every case
                 options["progress"] = lambda rows: common.write_csv(f"kernels_{device.type}", rows, results)
-            tables = importlib.import_module(f"lori.bench.{name}").run(device, **options)
+            suite = importlib.import_module(f"lori.bench.{name}")
+            tables = suite.run(device, **options)
+            label = getattr(suite, "RESULTS_LABEL", device.type)  # what the results are of: the device, or a model
             for table, rows in tables.items():
                 if rows:
-                    log.info("wrote %s", common.write_csv(f"{table}_{device.type}", rows, results))
+                    log.info("wrote %s", common.write_csv(f"{table}_{label}", rows, results))
             environment = common.environment(device)
             document = {"suite": name, "environment": environment, "settings": settings, "tables": tables}
-            log.info("wrote %s", common.write_json(f"{name}_{device.type}", document, results))
+            log.info("wrote %s", common.write_json(f"{name}_{label}", document, results))
     for path in report.plots(results):
         log.info("wrote %s", path)
     print(report.markdown(results))

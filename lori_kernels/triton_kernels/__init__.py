@@ -3,6 +3,7 @@
 - ``philox.py``: LoRI-RNG v1 in Triton (device functions) and the A-writing kernel,
 - ``shrink.py``: the A side, ``h = (x * D) @ A.T`` and ``dx += ((g @ A) * D)``,
 - ``expand.py``: the B side over kept blocks, ``y += s * h @ B.T`` and ``g = s * dy @ B``,
+- ``expand_segments.py``: the B side of a mixed-adapter batch, one launch over many adapters,
 - ``sddmm.py``: ``db_values = s * dy.T @ h`` for kept blocks only,
 - ``gemm.py``: the frozen-weight GEMMs with the adapter in their epilogues,
 - ``indexing.py``: int64 element offsets, shared by every kernel,
@@ -17,10 +18,16 @@ for tests).
 """
 
 from lori_kernels.backends import LayerKernels
-from lori_kernels.triton_kernels import expand, gemm, philox, sddmm, shrink
+from lori_kernels.triton_kernels import expand, expand_segments, gemm, philox, sddmm, shrink
 
 KERNELS = LayerKernels(
-    shrink.shrink, shrink.shrink_backward_, expand.expand_, expand.expand_backward, sddmm.sddmm, philox.generate_a_tile
+    shrink.shrink,
+    shrink.shrink_backward_,
+    expand.expand_,
+    expand.expand_backward,
+    sddmm.sddmm,
+    philox.generate_a_tile,
+    expand_segments_=expand_segments.expand_segments_,
 )
 EPILOGUE_KERNELS = KERNELS._replace(
     linear_expand=gemm.linear_expand, linear_shrink_backward=gemm.linear_shrink_backward

@@ -59,14 +59,48 @@ def expand_tile(
     return tl.dot(hb, tl.trans(b.to(hb.dtype)), input_precision=PRECISION)
 
 
-def _configs():
+@triton.jit
+def block_row_product(
+    h_ptr,
+    bv_ptr,
+    bb_ptr,
+    rm,
+    m_mask,
+    start,
+    end,
+    R,
+    BO: tl.constexpr,
+    BR: tl.constexpr,
+    BO_PAD: tl.constexpr,
+    BR_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """float32 ``h[rm] @ B_i.T`` ``[len(rm), BO_PAD]`` of one block row ``i`` of B, over its
+    kept blocks ``start:end`` (``b_blocks`` / ``b_values`` entries; rows where ``m_mask`` is
+    off read as zeros): the forward's loop, shared with the segmented expand of mixed batches."""
+    ro = tl.arange(0, BO_PAD)
+    rc = tl.arange(0, BR_PAD)
+    acc = tl.zeros([rm.shape[0], BO_PAD], dtype=tl.float32)
+    for t in range(start, end):
+        j = tl.load(bb_ptr + 2 * t + 1)
+        hb = tl.load(h_ptr + tile_offsets(rm, j * BR + rc, R, 1), mask=m_mask[:, None] & (rc[None, :] < BR), other=0.0)
+        b = tl.load(
+            bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
+            mask=(ro[:, None] < BO) & (rc[None, :] < BR),
+            other=0.0,
+        )
+        acc = tl.dot(hb, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+def expand_configs():
     return configs(
         [dict(BLOCK_M=bm, num_warps=w) for bm, w in [(64, 4), (128, 4), (128, 8), (256, 8)]],
         interpreter=dict(BLOCK_M=16),
     )
 
 
-@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"], restore_value=["y_ptr"])
+@autotune(configs=expand_configs(), key=["N", "R", "BO_PAD", "BR_PAD"], restore_value=["y_ptr"])
 @triton.jit
 def _expand_kernel(
     h_ptr,
@@ -93,19 +127,7 @@ def _expand_kernel(
     end = tl.load(row_ptr + i + 1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ro = tl.arange(0, BO_PAD)
-    rc = tl.arange(0, BR_PAD)
-    acc = tl.zeros([BLOCK_M, BO_PAD], dtype=tl.float32)
-    for t in range(start, end):
-        j = tl.load(bb_ptr + 2 * t + 1)
-        hb = tl.load(
-            h_ptr + tile_offsets(rm, j * BR + rc, R, 1), mask=(rm[:, None] < M) & (rc[None, :] < BR), other=0.0
-        )
-        b = tl.load(
-            bv_ptr + t * BO * BR + ro[:, None] * BR + rc[None, :],
-            mask=(ro[:, None] < BO) & (rc[None, :] < BR),
-            other=0.0,
-        )
-        acc = tl.dot(hb, tl.trans(b), acc, input_precision=PRECISION)
+    acc = block_row_product(h_ptr, bv_ptr, bb_ptr, rm, rm < M, start, end, R, BO, BR, BO_PAD, BR_PAD, PRECISION)
     if end > start:
         cols = i * BO + ro
         mask = (rm[:, None] < M) & ((ro < BO) & (cols < N))[None, :]
@@ -114,7 +136,7 @@ def _expand_kernel(
         tl.store(ptrs, (y.to(tl.float32) + scaling * acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(configs=_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
+@autotune(configs=expand_configs(), key=["N", "R", "BO_PAD", "BR_PAD"])
 @triton.jit
 def _expand_backward_kernel(
     dy_ptr,
