@@ -1,6 +1,7 @@
 """LoRI training library on ``lori_kernels.lori_linear``: configuration, ``LoRILinear``
 and its injection into Hugging Face models, masks, training, checkpoints, the CLI."""
 
+from lori.adapters import active_adapter, delete_adapter, list_adapters, set_adapter
 from lori.checkpoint import load_lori, save_lori
 from lori.config import DEFAULT_TARGET_MODULES, LoRIConfig
 from lori.errors import CheckpointError, LoRIError, OutputError, TrainingError
@@ -17,6 +18,7 @@ from lori.model import (
     set_dropout_calls,
 )
 from lori.peft_interop import export_peft, import_peft
+from lori.serving import adapter_batch
 
 __all__ = [
     "CheckpointError",
@@ -26,12 +28,16 @@ __all__ = [
     "LoRILinear",
     "OutputError",
     "TrainingError",
+    "active_adapter",
+    "adapter_batch",
+    "delete_adapter",
     "disable_adapters",
     "enable_activation_checkpointing",
     "export_peft",
     "extract_masks",
     "get_lori_model",
     "import_peft",
+    "list_adapters",
     "load_lori",
     "load_masks",
     "lori_layers",
@@ -42,6 +48,7 @@ __all__ = [
     "remove_lori",
     "save_lori",
     "save_masks",
+    "set_adapter",
     "set_dropout_calls",
     "unmerge_adapter",
 ]

@@ -54,6 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 from torch import nn
 
+from lori.adapters import add_adapter, list_adapters
 from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError
@@ -279,18 +280,20 @@ def install_adapter(
     where,
     backend: str = "auto",
     check: Callable[[], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """``lori.updates.install`` with the adapter's stored weights: checked against the model
     (``where`` names the adapter in messages), the vocabulary resized if they need it, the
     adapters installed (after ``check``, run on the resized model), then the stored values
     copied into the (frozen) base parameters and their names kept in ``model.lori_stored``
-    for ``save_lori``. On any error the model is as it was."""
+    for ``save_lori``. The adapters live on ``device`` (``install``). On any error the model
+    is as it was."""
     vocab, resize = _resize_plan(model, stored, where)
     undo = _resize(model, vocab, resize)
     try:
         if check is not None:
             check()
-        install(model, config, updates, backend=backend)
+        install(model, config, updates, backend=backend, device=device)
     except BaseException:
         undo()
         raise
@@ -346,13 +349,20 @@ class AdapterSnapshot:
     ready to be written into a directory. Refuses, before anything is written, values
     that are not finite in the dtype they would be stored in (a diverged model, or
     ``dtype=float16`` overflowing) and dtypes the loader does not read. ``dtype`` applies
-    to ``b_values``; stored weights keep the model's dtype."""
+    to ``b_values``; stored weights keep the model's dtype. ``adapter_name``: one of the
+    model's named adapters (``lori.list_adapters``); default the layers' own."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, adapter_name: str | None = None):
         config = getattr(model, "lori_config", None)
         layers = lori_layers(model)
         if config is None or not layers:
             raise ValueError("the model has no LoRI adapters to save")
+        names = list_adapters(model)
+        if adapter_name not in (None, names[0]):
+            if adapter_name not in names:
+                raise ValueError(f"the model has no adapter named {adapter_name!r}; it has {names}")
+            layers = {name: layer.lori_adapters[adapter_name] for name, layer in layers.items()}
+            config = next(iter(layers.values())).config
         if dtype is not None and dtype not in B_DTYPES:
             raise ValueError(f"cannot store b_values as {dtype}: choose one of {[str(d) for d in B_DTYPES]}")
         self.tensors, shapes, stored = {}, {}, {}
@@ -373,7 +383,7 @@ class AdapterSnapshot:
             if layer.stored_a is not None:
                 self.tensors[f"{name}.a"] = layer.stored_a.detach().contiguous().cpu()
                 shapes[name]["stored_a"] = True
-        for name, value in stored_weights(model).items():
+        for name, value in (stored_weights(model) if adapter_name in (None, names[0]) else {}).items():
             value = value.contiguous().cpu()
             _check_storable(name, value)
             if name in self.tensors:
@@ -399,16 +409,25 @@ class AdapterSnapshot:
         return digest
 
 
-def save_lori(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def save_lori(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    adapter_name: str | None = None,
+    keep_others: bool = False,
+) -> Path:
     """Write the model's LoRI adapter to the directory ``path``; ``b_values`` are stored
     in ``dtype`` (default: as trained), stored weights (``model.lori_stored``) as the model
     holds them. Only the adapter's two files are replaced, safely against crashes; a
-    directory holding other files is refused. Under FSDP every rank calls it and rank 0
-    writes. Returns ``path``."""
-    snapshot = AdapterSnapshot(model, dtype)
+    directory holding other files is refused, unless ``keep_others`` (they stay as they
+    are: ``save_pretrained`` into a Trainer's output directory). Under FSDP every rank calls
+    it and rank 0 writes. ``adapter_name`` picks one of several named adapters
+    (``lori.list_adapters``; default: the layers' own, the first loaded). Returns ``path``."""
+    snapshot = AdapterSnapshot(model, dtype, adapter_name)
     path = Path(path)
     if is_writer():
-        with write_directory(path, ADAPTER_FILES, what="LoRI adapter") as out:
+        with write_directory(path, ADAPTER_FILES, what="LoRI adapter", keep_others=keep_others) as out:
             snapshot.write(out)
         log.info(
             "saved LoRI adapter: %d layers, %d kept blocks, %d bytes -> %s",
@@ -617,13 +636,26 @@ def _check_stored(name: str, info: dict, value: torch.Tensor) -> torch.Tensor:
 # Loading
 
 
-def load_lori(model: nn.Module, path: str | Path, *, check_base: bool = True, backend: str = "auto") -> nn.Module:
+def load_lori(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    check_base: bool = True,
+    backend: str = "auto",
+    adapter_name: str | None = None,
+) -> nn.Module:
     """Load the adapter at ``path`` into ``model`` and return it. A model without
     adapters gets them (with the checkpoint's masks) and the checkpoint's stored weights
     (its vocabulary resized to theirs if needed); a model with adapters must have the
     checkpoint's layers, kept blocks and stored weights. With ``check_base`` the base
     model's fingerprint must match. Everything is checked first: on any error the model
-    is untouched."""
+    is untouched.
+
+    With ``adapter_name`` (PEFT's ``load_adapter``): a model without adapters gets this one
+    under that name (active); a model with adapters gets it beside them, inactive
+    (``lori.set_adapter``, ``lori.adapter_batch``), whatever its seed, r and block, if it
+    adapts the same modules and stores no base weights; the base and the other adapters are
+    not touched."""
     manifest, per_layer, stored = read_lori(path)
     config = LoRIConfig.from_dict(manifest["config"])
     if check_base:
@@ -640,9 +672,22 @@ def load_lori(model: nn.Module, path: str | Path, *, check_base: bool = True, ba
             if shape != list(info["shape"]):
                 raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
 
+    if existing and adapter_name is not None:
+        if stored:
+            raise CheckpointError(
+                f"{path} replaces base weights {sorted(stored)[:3]}, so it cannot be loaded beside other adapters"
+            )
+        try:
+            add_adapter(model, adapter_name, config, per_layer, path, check=check_shapes)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        return model
     if not existing:
         updates = _updates(config, manifest, per_layer)
         install_adapter(model, config, updates, stored, where=path, backend=backend, check=check_shapes)
+        if adapter_name is not None:
+            for layer in lori_layers(model).values():
+                layer.adapter_name = layer.active_adapter = adapter_name
         log.info("loaded LoRI adapter from %s: %d layers", path, len(updates))
         return model
     check_shapes()

@@ -49,6 +49,19 @@ def _mesh(text: str) -> tuple[int, int]:
     return replicate, shard
 
 
+def _import_dropout(text: str) -> float | None:
+    """A dropout probability in [0, 1), or ``peft``: the PEFT config's (None)."""
+    if text.lower() == "peft":
+        return None
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) or 'peft', got {text!r}")
+    return p
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n for n in text.split(",") if n)
 
@@ -207,7 +220,8 @@ def _import(args: argparse.Namespace) -> int:
     from lori.peft_interop import import_peft
 
     _check_output(args.output, [p for p in (args.adapter, args.masks) if p], ADAPTER_FILES, "LoRI adapter")
-    save_lori(import_peft(_base_model(args.model), args.adapter, args.masks, block=args.block), args.output)
+    model = import_peft(_base_model(args.model), args.adapter, args.masks, block=args.block, dropout=args.dropout)
+    save_lori(model, args.output)
     return 0
 
 
@@ -332,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--adapter", required=True, help="PEFT adapter directory")
     imp.add_argument("--masks", default=None, help="masks file of an original LoRI-S adapter (torch.save or ours)")
     imp.add_argument("--block", type=_pair, default=None, help="block of the imported B (default: 1,1 with masks)")
+    imp.add_argument(
+        "--dropout",
+        type=_import_dropout,
+        default=0.0,
+        help="dropout of the imported adapter when it trains on: a probability, or 'peft' for the PEFT config's "
+        "lora_dropout (default: 0, the paper's recipe)",
+    )
     imp.add_argument("--output", required=True, help="LoRI adapter directory to write")
     imp.set_defaults(run=_import)
 

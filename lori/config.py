@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from lori.recipes import recipe
 from lori_kernels import rng
 from lori_kernels.block_sparse import check_block
 
-__all__ = ["LoRIConfig", "DEFAULT_TARGET_MODULES"]
+__all__ = ["ALL_LINEAR", "LoRIConfig", "DEFAULT_TARGET_MODULES"]
 
+# The default targets, as PEFT's ``target_modules="all-linear"``: every linear layer but the output head.
+# Not PEFT's per-model-type defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING): those adapt only
+# q_proj and v_proj of Llama, Mistral, Qwen, Gemma and Mixtral and have no entry for Phi-3, where LoRI adapts
+# every projection (the LoRI paper's setting and this library's default from the start).
+ALL_LINEAR = "all-linear"
+# The linear layers of a Llama-family decoder layer: what "all-linear" selects there (the default
+# target_modules before it was "all-linear").
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -25,9 +33,13 @@ class LoRIConfig:
         default=None,
         metadata={"help": "LoRA alpha; the update is scaled by alpha / r. Default: 2 * r."},
     )
-    target_modules: tuple[str, ...] = field(
-        default=DEFAULT_TARGET_MODULES,
-        metadata={"help": "Names (last component) of the nn.Linear modules to adapt."},
+    target_modules: tuple[str, ...] | str = field(
+        default=ALL_LINEAR,
+        metadata={
+            "help": "The nn.Linear modules to adapt, as PEFT selects them: 'all-linear' (every one but the "
+            "output head), a regular expression matching whole module names, or a list of names that module "
+            "names end with (after a dot)."
+        },
     )
     block: tuple[int, int] | None = field(
         default=None,
@@ -57,11 +69,7 @@ class LoRIConfig:
             self.alpha = 2.0 * self.r
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"LoRIConfig.alpha must be a positive finite number, got {self.alpha!r}")
-        if isinstance(self.target_modules, str) or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise ValueError(f"LoRIConfig.target_modules must be a list of module names, got {self.target_modules!r}")
-        self.target_modules = tuple(self.target_modules)
-        if not self.target_modules:
-            raise ValueError("LoRIConfig.target_modules is empty: nothing would be adapted")
+        self.target_modules = _check_target_modules(self.target_modules)
         if self.block is None:
             self.block = (32, min(self.r, 32))
         try:
@@ -92,7 +100,8 @@ class LoRIConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        if not isinstance(self.target_modules, str):
+            d["target_modules"] = list(self.target_modules)
         d["block"] = list(self.block)
         return d
 
@@ -106,3 +115,32 @@ class LoRIConfig:
         if d.get("block") is not None:
             d["block"] = tuple(d["block"])
         return cls(**d)
+
+
+def _check_target_modules(target_modules) -> tuple[str, ...] | str:
+    """``target_modules`` normalized: ``ALL_LINEAR`` (any case, or alone in a list, as the
+    command line gives it), a regular expression, or a tuple of names."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        if not target_modules:
+            raise ValueError("LoRIConfig.target_modules is empty: nothing would be adapted")
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"LoRIConfig.target_modules {target_modules!r} is not a regular expression: {e}") from None
+        return target_modules
+    try:
+        names = tuple(target_modules)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(m, str) and m for m in names):
+        raise ValueError(
+            f"LoRIConfig.target_modules must be 'all-linear', a regular expression or a list of module names, "
+            f"got {target_modules!r}"
+        )
+    if not names:
+        raise ValueError("LoRIConfig.target_modules is empty: nothing would be adapted")
+    if len(names) == 1 and names[0].lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    return names

@@ -17,9 +17,8 @@ import logging
 import torch
 from torch import nn
 
-from lori.checkpoint import read_lori_updates
+from lori.checkpoint import install_adapter, read_lori_adapter
 from lori.model import lori_layers
-from lori.updates import install
 from lori_kernels import block_sparse
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,10 @@ def stack_adapter(
     masks' blocks train, starting from the loaded values (zero where the adapter had no
     block); every other block is frozen. Without masks every block trains. Returns the
     frozen blocks' keeper for the training loop. The adapter must have been trained on
-    ``model``; its tensors live on ``device`` (default: the base weights')."""
-    config, updates = read_lori_updates(init_adapter, base=model)
+    ``model``; its tensors live on ``device`` (default: the base weights'). Full weights the
+    adapter stores (an imported adapter's resized embeddings) come with it, as in
+    ``load_lori``, and stay frozen."""
+    config, updates, stored = read_lori_adapter(init_adapter, base=model)
     config = dataclasses.replace(config, dropout=dropout)
     if masks is not None and set(masks) != set(updates):
         missing, extra = sorted(set(updates) - set(masks)), sorted(set(masks) - set(updates))
@@ -96,7 +97,7 @@ def stack_adapter(
         except ValueError as e:
             raise ValueError(f"mask of {name}: {e} (the adapter's block is {u.block})") from None
         updates[name] = dataclasses.replace(u, mask=u.mask | mask)
-    install(model, config, updates, backend=backend, device=device)
+    install_adapter(model, config, updates, stored, where=init_adapter, backend=backend, device=device)
     trainable = {}
     for name, layer in lori_layers(model).items():
         blocks = layer.b_blocks.cpu()

@@ -55,9 +55,7 @@ def load_examples(path: str | Path, prompt_field: str = "prompt", response_field
 def _example(row, where: str, prompt_field: str, response_field: str) -> dict:
     """``{"prompt", "response"}`` from one row, or a :class:`DataError` naming ``where``."""
     if not isinstance(row, dict):
-        raise DataError(
-            f"{where} is {_kind(row)}, not an object with {prompt_field!r} and {response_field!r} fields"
-        )
+        raise DataError(f"{where} is {_kind(row)}, not an object with {prompt_field!r} and {response_field!r} fields")
     example = {}
     for key, field in (("prompt", prompt_field), ("response", response_field)):
         if field not in row:

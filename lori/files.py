@@ -182,14 +182,16 @@ def recover(directory: str | os.PathLike, *, clean: bool = False) -> None:
         raise OutputError(f"cannot complete an interrupted write in {directory}: {e.strerror or e}") from None
 
 
-def check_output_dir(path: str | os.PathLike, owned: Collection[str] | Callable[[str], bool], *, what: str) -> None:
+def check_output_dir(
+    path: str | os.PathLike, owned: Collection[str] | Callable[[str], bool], *, what: str, keep_others: bool = False
+) -> None:
     """Refuse, before anything is written, a ``path`` that ``write_directory`` would
-    refuse: a file, or a directory holding entries that ``owned`` does not name
-    (temporaries of interrupted writes do not count)."""
+    refuse: a file, or (unless ``keep_others``) a directory holding entries that ``owned``
+    does not name (temporaries of interrupted writes do not count)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} exists and is not a directory; the {what} is a directory")
-    if not path.is_dir():
+    if keep_others or not path.is_dir():
         return
     owns = _ownership(owned)
     try:
@@ -206,15 +208,17 @@ def check_output_dir(path: str | os.PathLike, owned: Collection[str] | Callable[
 
 @contextlib.contextmanager
 def write_directory(
-    path: str | os.PathLike, owned: Collection[str] | Callable[[str], bool], *, what: str
+    path: str | os.PathLike, owned: Collection[str] | Callable[[str], bool], *, what: str, keep_others: bool = False
 ) -> Iterator[DirectoryWriter]:
     """Write files into the directory ``path`` (created if missing) as described in the
     module docstring: yields a ``DirectoryWriter``; its files replace the old ones when
     the block ends without error. ``owned``: the file names this writer may replace
     (names, or a predicate); any other entry in ``path`` makes it refuse
-    (``check_output_dir``). ``what`` names the thing written in messages."""
+    (``check_output_dir``), unless ``keep_others``: then they stay as they are (PEFT's
+    ``save_pretrained`` writing into a Trainer's output directory). ``what`` names the
+    thing written in messages."""
     path = Path(path)
-    check_output_dir(path, owned, what=what)
+    check_output_dir(path, owned, what=what, keep_others=keep_others)
     try:
         path.mkdir(parents=True, exist_ok=True)
         recover(path, clean=True)

@@ -200,7 +200,12 @@ def merge(
     weights = list(weights) if weights is not None else default_weights(updates)
     rank, merged = combine(updates, weights, combination)
     first_config = read[0][0]
-    target_modules = tuple(dict.fromkeys(m for config, _ in read for m in config.target_modules))
+    targets = [config.target_modules for config, _ in read]
+    # Lists of names join; "all-linear" or a regular expression cannot, so the merged layers are named.
+    if all(isinstance(t, tuple) for t in targets):
+        target_modules = tuple(dict.fromkeys(m for t in targets for m in t))
+    else:
+        target_modules = targets[0] if len(set(targets)) == 1 else tuple(sorted(merged))
     config = dataclasses.replace(
         first_config,
         r=rank,
@@ -298,6 +303,12 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     layers = lori_layers(model)
     if not layers:
         raise ValueError("the model has no LoRI adapters to fold")
+    active = {layer.active_adapter for layer in layers.values()} - {layer.adapter_name for layer in layers.values()}
+    if active:
+        raise ValueError(
+            f"the active adapter {sorted(active)[0]!r} is not the model's first; merge_adapter folds the first "
+            "adapter: set_adapter(model, its name) first"
+        )
     done = []
     for name, layer in layers.items():
         if layer.fold is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from lori.config import LoRIConfig
+from lori.config import ALL_LINEAR, LoRIConfig
 from lori.layer import LoRILinear, count_training_forward
 from lori_kernels import block_sparse
 from lori_kernels.rng import layer_seed
@@ -29,12 +30,87 @@ __all__ = [
 ]
 
 
+def _linear_types() -> tuple[type, ...]:
+    """The classes "all-linear" selects, as PEFT's: ``nn.Linear`` and, where transformers is
+    installed, GPT-2's ``Conv1D`` (selected to be refused by name: LoRILinear wraps nn.Linear)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """A Hugging Face model's output embeddings (its LM head), which "all-linear" leaves out."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        return get_output() if get_output is not None else None
+    except NotImplementedError:
+        return None
+
+
+def _selects(target_modules: tuple[str, ...] | str, name: str) -> bool:
+    """PEFT's matching: a string is a regular expression matching the whole module name, a
+    list holds names that the module's name equals or ends with after a dot."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _expert_parameters(module: nn.Module) -> list[str]:
+    """Names of the 3-D parameters (outside convolutions) in ``module``: MoE experts stored
+    fused, as transformers 5 stores Mixtral's and Qwen-MoE's ``experts.gate_up_proj``."""
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.dim() == 3 and not isinstance(module.get_submodule(name.rpartition(".")[0]), nn.modules.conv._ConvNd)
+    ]
+
+
+def _unsupported(name: str, module: nn.Module) -> str:
+    """Why the selected ``module`` (not an nn.Linear) cannot be adapted, in one sentence."""
+    what = f"target_modules select {name}, a {type(module).__name__}, but LoRI adapts nn.Linear layers only"
+    experts = _expert_parameters(module)
+    if experts:
+        return (
+            f"{what}: its MoE experts are 3-D parameters ({', '.join(experts[:3])}), which PEFT adapts with "
+            "target_parameters and LoRI does not; adapt the model's linear layers instead"
+        )
+    if isinstance(module, _linear_types()):
+        return f"{what}: GPT-2 style Conv1D layers (transposed weights) are not supported yet"
+    return what
+
+
 def _targets(model: nn.Module, config: LoRIConfig) -> dict[str, nn.Linear]:
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
-    }
+    """The modules ``config.target_modules`` selects, as PEFT selects them; a selected
+    module that is not an nn.Linear is refused, naming it."""
+    if config.target_modules == ALL_LINEAR:
+        head, linear = _output_head(model), _linear_types()
+        selected = {n: m for n, m in model.named_modules() if n and isinstance(m, linear) and m is not head}
+    else:
+        selected = {n: m for n, m in model.named_modules() if n and _selects(config.target_modules, n)}
+    for name, module in selected.items():
+        if not isinstance(module, nn.Linear):
+            raise ValueError(_unsupported(name, module))
+    if not selected:
+        hint = ""
+        if config.target_modules != ALL_LINEAR:
+            experts = [n for n in _expert_parameters(model) if _selects(config.target_modules, n)]
+            if experts:
+                hint = (
+                    f": {', '.join(experts[:3])} are MoE experts stored as 3-D parameters (PEFT's "
+                    "target_parameters), which LoRI does not adapt"
+                )
+        raise ValueError(f"target_modules {_describe(config.target_modules)} select no nn.Linear of the model{hint}")
+    return selected
+
+
+def _describe(target_modules: tuple[str, ...] | str) -> str:
+    if target_modules == ALL_LINEAR:
+        return "'all-linear'"
+    if isinstance(target_modules, str):
+        return f"{target_modules!r} (a regular expression matching whole module names)"
+    return str(list(target_modules))
 
 
 def _check_masks(masks: dict, targets: dict[str, nn.Linear], config: LoRIConfig) -> None:
@@ -64,19 +140,26 @@ def get_lori_model(
     backend: str = "auto",
     device: torch.device | str | None = None,
 ) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` whose name ends in one of
-    ``config.target_modules`` by a ``LoRILinear`` and freeze everything else; return the
-    model. ``masks`` (module name -> bool ``[out, r]``, as ``extract_masks`` returns) keeps
-    only those blocks of each B (LoRI-S); without it B is dense (LoRI-D). Each layer's A
-    comes from ``layer_seed(config.seed, name)``. The adapters live on ``device`` (default:
-    each base weight's). On a ``meta`` base the adapters are built without data (the
-    masks' kept blocks are found where the masks are): their seed, kept blocks and values
-    then come with a state dict (``load_state_dict``, or broadcast from rank 0 as
-    ``lori train`` does); ``device="cpu"`` keeps real adapters over a meta base."""
+    """Replace, in place, every ``nn.Linear`` that ``config.target_modules`` selects (as
+    PEFT's ``target_modules``; by default every one but the output head) by a ``LoRILinear``
+    and freeze everything else; return the model. ``masks`` (module name -> bool
+    ``[out, r]``, as ``extract_masks`` returns) keeps only those blocks of each B (LoRI-S);
+    without it B is dense (LoRI-D). Each layer's A comes from
+    ``layer_seed(config.seed, name)``. The adapters live on ``device`` (default: each base
+    weight's). On a ``meta`` base the adapters are built without data (the masks' kept
+    blocks are found where the masks are): their seed, kept blocks and values then come
+    with a state dict (``load_state_dict``, or broadcast from rank 0 as ``lori train``
+    does); ``device="cpu"`` keeps real adapters over a meta base. MoE experts stored as 3-D
+    parameters (transformers 5's Mixtral) are not adapted: they stay frozen, with a
+    warning."""
     check_no_adapter(model)
     targets = _targets(model, config)
-    if not targets:
-        raise ValueError(f"no nn.Linear module of the model is named one of {list(config.target_modules)}")
+    experts = _expert_parameters(model)
+    if experts:
+        log.warning(
+            "the model's MoE experts are 3-D parameters (%s ...), which LoRI does not adapt: they stay frozen",
+            experts[0],
+        )
     if masks is not None:
         _check_masks(masks, targets, config)
 
@@ -120,7 +203,8 @@ def inject_layers(
     The layers share one count of the model's training forwards (``model.dropout_calls``,
     an int64 CPU tensor that a forward pre-hook on the model increments) from which their
     dropout masks are drawn: a forward recomputed by activation checkpointing reruns
-    decoder layers, never the model, so it draws the masks of the first pass."""
+    decoder layers, never the model, so it draws the masks of the first pass. The model
+    gets PEFT's ``PeftModel`` methods (``lori.peft_api``)."""
     check_no_adapter(model)
     trained = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -138,6 +222,9 @@ def inject_layers(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     model.lori_config = config
+    from lori.peft_api import add_peft_methods  # here: lori.peft_api imports modules that import this one
+
+    add_peft_methods(model)
     return model
 
 
@@ -147,8 +234,8 @@ def lori_layers(model: nn.Module) -> dict[str, LoRILinear]:
 
 
 def remove_lori(model: nn.Module) -> nn.Module:
-    """Undo ``get_lori_model``: put the base layers back and restore which parameters
-    trained."""
+    """Undo ``get_lori_model``: put the base layers back, restore which parameters
+    trained and take off the PEFT methods."""
     if getattr(model, "lori_config", None) is None:
         raise ValueError("the model has no LoRI adapters")
     for name, layer in lori_layers(model).items():
@@ -158,6 +245,9 @@ def remove_lori(model: nn.Module) -> nn.Module:
         p.requires_grad_(model.lori_frozen.get(name, p.requires_grad))
     model.lori_count_hook.remove()
     del model.lori_config, model.lori_frozen, model.lori_count_hook, model.dropout_calls
+    from lori.peft_api import remove_peft_methods
+
+    remove_peft_methods(model)
     return model
 
 

@@ -55,6 +55,8 @@ def test_every_failure_is_one_line(files, capsys, tmp_path):
     fails(capsys, ["extract-masks", *base, *adapter, "--sparsity", "0.9999", "--output", str(tmp_path / "m.st")],
           "keeps none of the")  # fmt: skip
     fails(capsys, ["import", *base, "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "x")], "is missing")
+    fails(capsys, ["import", *base, *adapter, "--dropout", "1", "--output", str(tmp_path / "x")],
+          "expected a probability in [0, 1) or 'peft', got '1'", status=2)  # fmt: skip
     fails(capsys, ["eval", *base, *data], "bad.jsonl line 2 has no 'response' field")
     fails(
         capsys,

@@ -14,7 +14,7 @@ def test_defaults_are_the_lori_recipe():
         0.9,
         "uniform",
     )
-    assert "down_proj" in c.target_modules
+    assert c.target_modules == "all-linear"
     assert LoRIConfig(r=8).block == (32, 8)
     assert LoRIConfig(r=8).alpha == 16
 
@@ -37,7 +37,8 @@ def test_negative_seed_is_its_uint64():
         (dict(r=8.0), "r must be a positive int"),
         (dict(alpha=-1), "alpha must be a positive"),
         (dict(alpha=float("inf")), "alpha must be a positive"),
-        (dict(target_modules="q_proj"), "target_modules must be a list"),
+        (dict(target_modules="("), "not a regular expression"),
+        (dict(target_modules=[""]), "target_modules must be 'all-linear', a regular expression or a list"),
         (dict(target_modules=[]), "target_modules is empty"),
         (dict(block=(32, 5)), "LoRIConfig.block: block column size br=5 must divide r=32"),
         (dict(dist="normal"), "dist must be one of"),

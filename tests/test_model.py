@@ -88,7 +88,7 @@ def test_masks_make_lori_s():
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in config.target_modules
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in lori.DEFAULT_TARGET_MODULES
     ]
     masks = {}
     for i, name in enumerate(names):
@@ -121,7 +121,7 @@ def test_bad_masks_and_configs_are_named():
     partial[names[0]][0, 0] = False
     with pytest.raises(ValueError, match=rf"mask of {names[0]}: mask is not made of whole \(16, 8\) blocks"):
         lori.get_lori_model(tiny_model(), config, masks=partial)
-    with pytest.raises(ValueError, match="no nn.Linear module of the model is named"):
+    with pytest.raises(ValueError, match="select no nn.Linear of the model"):
         lori.get_lori_model(tiny_model(), LoRIConfig(r=8, target_modules=["nope"]))
     model = lori.get_lori_model(tiny_model(), config)
     with pytest.raises(ValueError, match="already has LoRI adapters"):
@@ -179,7 +179,7 @@ def test_one_adamw_step_equals_peft_with_masked_gradient():
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.endswith(tuple(config.target_modules))
+        if isinstance(m, torch.nn.Linear) and n.endswith(lori.DEFAULT_TARGET_MODULES)
     ]
     g = torch.Generator().manual_seed(3)
     masks = {}
@@ -190,7 +190,7 @@ def test_one_adamw_step_equals_peft_with_masked_gradient():
     ours = lori.get_lori_model(model, config, masks=masks).train()
     randomize_b(ours)
     theirs = peft.get_peft_model(
-        tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(config.target_modules))
+        tiny_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=config.target_modules)
     ).train()
     with torch.no_grad():
         for name, layer in lori.lori_layers(ours).items():
@@ -416,3 +416,40 @@ def test_checkpointed_dropout_compiles_and_recomputes_the_masks():
         model = lori.get_lori_model(Blocks(checkpointing=True), config).train()
         got = steps(torch.compile(model, backend="aot_eager", fullgraph=True))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_ext"])
+@pytest.mark.parametrize("stored_a", [False, True])
+def test_autocast_runs_the_layer_in_the_autocast_dtype(backend, stored_a):
+    """Under torch.autocast (a Trainer's bf16=True) the layer computes as F.linear does, in
+    the autocast dtype: exactly the layer on bfloat16 copies of its inputs; the gradient
+    reaches the float32 b_values in float32."""
+    if backend not in lori_kernels.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    a = lori_kernels.generate_a(3, 8, 48) if stored_a else None
+    layer = LoRILinear(torch.nn.Linear(48, 40), r=8, alpha=16, seed=3, block=(16, 8), backend=backend, a=a)
+    with torch.no_grad():
+        layer.b_values.normal_()
+    x = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.b_values.grad.dtype == torch.float32
+    b_values = layer.b_values.detach().bfloat16().requires_grad_()
+    expected = lori_kernels.lori_linear(
+        x.bfloat16(),
+        layer.base_layer.weight.bfloat16(),
+        layer.base_layer.bias.bfloat16(),
+        None if stored_a else layer.layer_seed,
+        b_values,
+        layer.b_blocks,
+        r=8,
+        block=(16, 8),
+        scaling=layer.scaling,
+        backend=backend,
+        a=a.bfloat16() if stored_a else None,
+    )
+    expected.float().square().sum().backward()
+    assert torch.equal(y, expected)
+    assert torch.equal(layer.b_values.grad, b_values.grad.float())

@@ -12,7 +12,8 @@ from test_model import randomize_b, tiny_model
 
 import lori
 from lori import LoRIConfig
-from lori.checkpoint import CONFIG_FILE, TENSORS_FILE
+from lori.checkpoint import CONFIG_FILE, TENSORS_FILE, read_lori
+from lori.cli import main
 from lori.peft_interop import PEFT_CONFIG_FILE, PEFT_TENSORS_FILE
 
 IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -283,6 +284,12 @@ def test_an_imported_adapter_trains_without_dropout_unless_asked(tmp_path, caplo
     assert "trains with dropout 0 (its lora_dropout is 0.05)" in caplog.text
     assert lori.import_peft(tiny_model(), tmp_path / "peft", dropout=None).lori_config.dropout == 0.05
     assert lori.import_peft(tiny_model(), tmp_path / "peft", dropout=0.1).lori_config.dropout == 0.1
+    tiny_model().save_pretrained(tmp_path / "base")
+    for option, dropout in (([], 0.0), (["--dropout", "peft"], 0.05), (["--dropout", "0.2"], 0.2)):
+        out = tmp_path / f"imported{len(option)}{dropout}"
+        argv = ["import", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), *option]
+        assert main([*argv, "--output", str(out)]) == 0
+        assert read_lori(out).manifest["config"]["dropout"] == dropout
 
 
 def test_original_adapters_that_cannot_be_imported_are_refused_by_name(tmp_path):
@@ -340,8 +347,8 @@ def test_original_adapters_that_cannot_be_imported_are_refused_by_name(tmp_path)
 
 
 def test_layer_updates_alone_name_the_stored_weights_they_leave_out(tmp_path, caplog):
-    """merge and continual learning read layer updates only (read_peft, read_lori_updates):
-    a warning names the stored weights they do not carry; the *_adapter readers return them."""
+    """merge reads layer updates only (read_peft, read_lori_updates): a warning names the
+    stored weights they do not carry; the *_adapter readers return them."""
     from lori.checkpoint import read_lori_adapter, read_lori_updates
     from lori.peft_interop import read_peft, read_peft_adapter
 
@@ -356,3 +363,18 @@ def test_layer_updates_alone_name_the_stored_weights_they_leave_out(tmp_path, ca
     assert f"stores the full weights {names}" in caplog.text
     _, _, stored = read_lori_adapter(tmp_path / "lori", base=tiny_model())  # the base before the resize
     assert sorted(stored) == names and stored["lm_head.weight"].shape == (PAD + 1, 64)
+
+
+def test_continual_learning_carries_the_stored_weights(tmp_path):
+    """stack_adapter on an adapter that stores full weights (an import with a resized
+    vocabulary) installs them as load_lori does: the same model, logits and all."""
+    from lori.continual import stack_adapter
+
+    original_lori_adapter(tmp_path / "peft", "resized vocabulary")
+    imported = lori.import_peft(tiny_model(), tmp_path / "peft")
+    lori.save_lori(imported, tmp_path / "lori")
+    model = tiny_model()
+    stack_adapter(model, str(tmp_path / "lori"), None)
+    assert model.lori_stored == imported.lori_stored == ("lm_head.weight", "model.embed_tokens.weight")
+    ids = torch.randint(0, PAD, (2, 7))
+    torch.testing.assert_close(logits(model.eval(), ids), logits(imported.eval(), ids), rtol=0, atol=0)
