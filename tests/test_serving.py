@@ -5,21 +5,13 @@ import copy
 
 import pytest
 import torch
+from test_model import TINY
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lori
 import lori_kernels
 from lori import CheckpointError, LoRIConfig
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 TARGETS = ("q_proj", "v_proj", "down_proj")
 # name -> (seed, r, block, alpha, kept fraction of blocks). a, b and c share one A (seed 5,
 # r 8): one shrink; c has other blocks (its own expand); d has another seed and rank.
