@@ -59,6 +59,7 @@ from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError
 from lori.files import DirectoryWriter, is_writer, read_json, recover, write_directory
+from lori.layer import LoRILinear, is_conv1d, linear_shape
 from lori.model import lori_layers
 from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
@@ -668,7 +669,12 @@ def load_lori(
             module = existing.get(name, modules.get(name))
             if module is None:
                 raise CheckpointError(f"{path} adapts {name}, which the model does not have")
-            shape = [module.out_features, module.in_features] if hasattr(module, "out_features") else None
+            if isinstance(module, LoRILinear):
+                shape = [module.out_features, module.in_features]
+            elif isinstance(module, nn.Linear) or is_conv1d(module):
+                shape = list(linear_shape(module))
+            else:
+                shape = None
             if shape != list(info["shape"]):
                 raise CheckpointError(f"{name} is {shape} in the model but {info['shape']} in {path}")
 

@@ -9,7 +9,19 @@ from torch import nn
 import lori_kernels
 from lori_kernels import block_sparse, rng
 
-__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward"]
+__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward", "is_conv1d", "linear_shape"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's projections: a linear layer
+    whose weight is stored transposed, ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
+    out, inp = module.weight.shape
+    return (inp, out) if is_conv1d(module) else (out, inp)
 
 
 class LoRILinear(nn.Module):
@@ -44,6 +56,10 @@ class LoRILinear(nn.Module):
     blocks, shapes and dtypes) before anything of it is copied, and raises a ValueError
     naming the layer and the fault.
 
+    ``base_layer`` is an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), whose weight is
+    stored ``[in, out]``: the kernels take it as a transposed view (``base_weight``), never a
+    copy.
+
     Several adapters (``lori.load_lori(..., adapter_name=...)``, as PEFT's ``load_adapter``):
     the layer's own adapter is named ``adapter_name`` ("default" unless loaded under another
     name); others are ``NamedAdapter`` modules in ``lori_adapters`` (a ``ModuleDict`` that
@@ -68,15 +84,15 @@ class LoRILinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRILinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, nn.Linear) and not is_conv1d(base_layer):
+            raise TypeError(f"LoRILinear wraps an nn.Linear or a Conv1D, got {type(base_layer).__name__}")
         block = block_sparse.check_block(block if block is not None else (32, min(r, 32)), r)
         if dist not in rng.DISTRIBUTIONS:
             raise ValueError(f"dist must be one of {rng.DISTRIBUTIONS}, got {dist!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base_layer = base_layer.requires_grad_(False)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.out_features, self.in_features = linear_shape(base_layer)
         self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.block, self.dist, self.dropout, self.backend = block, dist, float(dropout), backend
         device = torch.device(device) if device is not None else base_layer.weight.device
@@ -114,7 +130,7 @@ class LoRILinear(nn.Module):
         adapter = self if self.active_adapter == self.adapter_name else self.lori_adapters[self.active_adapter]
         if adapter.b_values.shape[0] == 0:
             return self.base_layer(x)
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         p = self.dropout if self.training else 0.0
         dropout_seed = rng.dropout_seed_tensor(adapter.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
         stored = adapter.stored_a is not None
@@ -136,6 +152,11 @@ class LoRILinear(nn.Module):
         )
         # Under autocast y stays in the autocast dtype, as nn.Linear's output does.
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]``: a transposed view of a ``Conv1D``'s."""
+        weight = self.base_layer.weight
+        return weight.T if is_conv1d(self.base_layer) else weight
 
     def named_adapters(self) -> dict[str, LoRILinear | NamedAdapter]:
         """Every adapter of this layer by name: its own first (the layer itself), then the

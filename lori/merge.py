@@ -252,47 +252,50 @@ def _slabs(layer: LoRILinear):
 
 @dataclasses.dataclass
 class _Fold:
-    """What unfolding needs besides ΔW: the weight elements that ``(W + ΔW) - ΔW``
-    does not round back to, and the version of ``b_values`` that was folded."""
+    """What unfolding needs besides ΔW: the weight elements (``rows``, ``cols`` of the
+    ``[out, in]`` weight) that ``(W + ΔW) - ΔW`` does not round back to, their ``values``,
+    and the version of ``b_values`` that was folded."""
 
-    index: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
     values: torch.Tensor
     b_version: int
 
 
 def _fold(layer: LoRILinear) -> None:
-    weight = layer.base_layer.weight
+    weight = layer.base_weight()  # [out, in]: a Conv1D's as a transposed view
     if not weight.is_floating_point():
         raise ValueError(f"cannot fold into a {weight.dtype} weight")
     flat = weight.detach()
     merged = torch.empty_like(flat)
-    index, values = [], []
-    for cols in _slabs(layer):
-        delta = delta_weight(layer, cols)
-        w = flat[:, cols]
+    rows, cols, values = [], [], []
+    for slab in _slabs(layer):
+        delta = delta_weight(layer, slab)
+        w = flat[:, slab]
         m = w.float() + delta
         if not torch.isfinite(m).all():
             raise ValueError("folding gives NaN or Inf")
-        merged[:, cols] = m.to(flat.dtype)
-        off = (merged[:, cols].float() - delta).to(flat.dtype) != w
-        rows, sub = off.nonzero(as_tuple=True)
-        index.append(rows * layer.in_features + sub + cols.start)
-        values.append(w[rows, sub])
+        merged[:, slab] = m.to(flat.dtype)
+        off = (merged[:, slab].float() - delta).to(flat.dtype) != w
+        r, c = off.nonzero(as_tuple=True)
+        rows.append(r)
+        cols.append(c + slab.start)
+        values.append(w[r, c])
     with torch.no_grad():
         weight.copy_(merged)
-    layer.fold = _Fold(torch.cat(index), torch.cat(values), layer.b_values._version)
+    layer.fold = _Fold(torch.cat(rows), torch.cat(cols), torch.cat(values), layer.b_values._version)
 
 
 def _unfold(layer: LoRILinear) -> None:
     fold = layer.fold
     if layer.b_values._version != fold.b_version:
         raise ValueError("b_values changed since the adapter was folded: the fold cannot be undone exactly")
-    weight = layer.base_layer.weight
+    weight = layer.base_weight()
     with torch.no_grad():
-        for cols in _slabs(layer):
-            w = weight[:, cols]
-            w.copy_((w.float() - delta_weight(layer, cols)).to(weight.dtype))
-        weight.view(-1)[fold.index] = fold.values
+        for slab in _slabs(layer):
+            w = weight[:, slab]
+            w.copy_((w.float() - delta_weight(layer, slab)).to(weight.dtype))
+        weight[fold.rows, fold.cols] = fold.values
     layer.fold = None
 
 

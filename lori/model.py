@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lori.config import ALL_LINEAR, LoRIConfig
-from lori.layer import LoRILinear, count_training_forward
+from lori.layer import LoRILinear, count_training_forward, is_conv1d, linear_shape
 from lori_kernels import block_sparse
 from lori_kernels.rng import layer_seed
 
@@ -30,14 +30,9 @@ __all__ = [
 ]
 
 
-def _linear_types() -> tuple[type, ...]:
-    """The classes "all-linear" selects, as PEFT's: ``nn.Linear`` and, where transformers is
-    installed, GPT-2's ``Conv1D`` (selected to be refused by name: LoRILinear wraps nn.Linear)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
+def _is_linear(module: nn.Module) -> bool:
+    """What LoRI adapts, as PEFT's "all-linear" selects: an ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -68,29 +63,27 @@ def _expert_parameters(module: nn.Module) -> list[str]:
 
 
 def _unsupported(name: str, module: nn.Module) -> str:
-    """Why the selected ``module`` (not an nn.Linear) cannot be adapted, in one sentence."""
-    what = f"target_modules select {name}, a {type(module).__name__}, but LoRI adapts nn.Linear layers only"
+    """Why the selected ``module`` (not a linear layer) cannot be adapted, in one sentence."""
+    what = f"target_modules select {name}, a {type(module).__name__}, but LoRI adapts nn.Linear and Conv1D layers only"
     experts = _expert_parameters(module)
     if experts:
         return (
             f"{what}: its MoE experts are 3-D parameters ({', '.join(experts[:3])}), which PEFT adapts with "
             "target_parameters and LoRI does not; adapt the model's linear layers instead"
         )
-    if isinstance(module, _linear_types()):
-        return f"{what}: GPT-2 style Conv1D layers (transposed weights) are not supported yet"
     return what
 
 
 def _targets(model: nn.Module, config: LoRIConfig) -> dict[str, nn.Linear]:
     """The modules ``config.target_modules`` selects, as PEFT selects them; a selected
-    module that is not an nn.Linear is refused, naming it."""
+    module that is not a linear layer is refused, naming it."""
     if config.target_modules == ALL_LINEAR:
-        head, linear = _output_head(model), _linear_types()
-        selected = {n: m for n, m in model.named_modules() if n and isinstance(m, linear) and m is not head}
+        head = _output_head(model)
+        selected = {n: m for n, m in model.named_modules() if n and _is_linear(m) and m is not head}
     else:
         selected = {n: m for n, m in model.named_modules() if n and _selects(config.target_modules, n)}
     for name, module in selected.items():
-        if not isinstance(module, nn.Linear):
+        if not _is_linear(module):
             raise ValueError(_unsupported(name, module))
     if not selected:
         hint = ""
@@ -121,7 +114,7 @@ def _check_masks(masks: dict, targets: dict[str, nn.Linear], config: LoRIConfig)
     if missing:
         raise ValueError(f"masks are missing for adapted modules {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, mask in masks.items():
-        want = (targets[name].out_features, config.r)
+        want = (linear_shape(targets[name])[0], config.r)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != want:
             got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask of {name} must be a bool tensor of shape {list(want)} (out, r), got {got}")

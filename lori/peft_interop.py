@@ -17,9 +17,11 @@ that keep the adapter's A as a stored A, also as the original LoRI code writes t
   dropout 0 unless ``dropout`` says otherwise (``dropout=None``: the file's
   ``lora_dropout``).
 
-Refused, by name: DoRA, per-layer ranks or alphas, trained biases, Conv1D
-(``fan_in_fan_out``) layers, LoRA on embedding layers (``lora_embedding_A/B``: LoRI adapts
-``nn.Linear`` layers only). Neither direction needs ``peft`` installed.
+GPT-2's ``Conv1D`` layers (PEFT's ``fan_in_fan_out``) hold the same A ``[r, in]`` and B
+``[out, r]`` as linear ones: exported with ``fan_in_fan_out`` set when the model has them,
+imported as they are. Refused, by name: DoRA, per-layer ranks or alphas, trained biases,
+LoRA on embedding layers (``lora_embedding_A/B``: LoRI adapts linear layers only). Neither
+direction needs ``peft`` installed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata, tensors_digest
 from lori.errors import CheckpointError
 from lori.files import is_writer, read_json, recover, write_directory
-from lori.layer import LoRILinear
+from lori.layer import LoRILinear, is_conv1d
 from lori.masks import load_masks
 from lori.model import lori_layers
 from lori.updates import LayerUpdate
@@ -100,7 +102,7 @@ def export_peft(model: nn.Module, path: str | Path, *, dtype: torch.dtype = torc
         "lora_dropout": config.dropout,
         "target_modules": _target_modules(model, list(layers)),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for layer in layers.values()),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -162,7 +164,6 @@ def _check_peft_config(cfg, where: Path) -> None:
         "use_dora": "DoRA magnitudes",
         "rank_pattern": "per-layer ranks",
         "alpha_pattern": "per-layer alphas",
-        "fan_in_fan_out": "Conv1D (fan_in_fan_out) layers",
     }
     for key, what in unsupported.items():
         if cfg.get(key):

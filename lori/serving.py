@@ -54,7 +54,7 @@ class LayerBatch:
         rows = self.rows(x.shape[0])
         if self.packed is None:
             return layer.base_layer(x)
-        weight = layer.base_layer.weight
+        weight = layer.base_weight()
         y = lori_kernels.lori_linear_multi(
             x.to(weight.dtype), weight, layer.base_layer.bias, rows, self.packed, backend=layer.backend
         )

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lori.config import LoRIConfig
-from lori.layer import LoRILinear
+from lori.layer import LoRILinear, is_conv1d, linear_shape
 from lori.model import check_no_adapter, inject_layers
 from lori_kernels import block_sparse, generate_a
 
@@ -74,13 +74,15 @@ def install(
     targets = {}
     for name, u in updates.items():
         linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             found = "nothing" if linear is None else type(linear).__name__
-            raise ValueError(f"the adapter adapts {name}, but the model has {found} there (an nn.Linear is needed)")
-        if (linear.out_features, linear.in_features) != (u.out_features, u.in_features):
             raise ValueError(
-                f"{name} is [{linear.out_features}, {linear.in_features}] in the model but "
-                f"[{u.out_features}, {u.in_features}] in the adapter"
+                f"the adapter adapts {name}, but the model has {found} there (an nn.Linear or Conv1D is needed)"
+            )
+        if linear_shape(linear) != (u.out_features, u.in_features):
+            raise ValueError(
+                f"{name} is {list(linear_shape(linear))} in the model but [{u.out_features}, {u.in_features}] in the "
+                "adapter"
             )
         if u.r != config.r:
             raise ValueError(f"{name} has rank {u.r}, the adapter's config says {config.r}")

@@ -53,6 +53,7 @@ ARCHITECTURES = {
         ),
     ),
     "mixtral": ("MixtralConfig", {**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)),
 }
 # The linear layers (last name components) "all-linear" adapts in each family.
 ADAPTED = {
@@ -61,6 +62,7 @@ ADAPTED = {
     "gpt_neox": {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"},
     "opt": {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
     "mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},  # its experts are 3-D parameters
+    "gpt2": {"c_attn", "c_proj", "c_fc"},  # Conv1D layers (weights stored [in, out])
 }
 CONFIG = dict(r=8, block=(16, 8))
 
@@ -204,7 +206,7 @@ def test_older_configs_select_what_they_did(tmp_path):
     [
         ("(", "not a regular expression"),
         (["nope"], r"select no nn.Linear"),
-        (["mlp"], "a MixtralSparseMoeBlock, but LoRI adapts nn.Linear layers only"),
+        (["mlp"], "a MixtralSparseMoeBlock, but LoRI adapts nn.Linear and Conv1D layers only"),
         (["experts"], "its MoE experts are 3-D parameters"),
         (["gate_up_proj"], "MoE experts stored as 3-D parameters"),
     ],
@@ -221,12 +223,20 @@ def test_mixtral_experts_stay_frozen_with_a_warning(caplog):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "experts" in n)
 
 
-def test_gpt2_conv1d_is_not_supported_yet():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=64)
-    model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(ValueError, match="GPT-2 style Conv1D layers .* are not supported yet"):
-        lori.get_lori_model(model, LoRIConfig(**CONFIG))
-    assert not any(isinstance(m, lori.LoRILinear) for m in model.modules())  # the model is untouched
+def test_gpt2_conv1d_weights_reach_the_kernels_as_views_and_fold_back_exactly():
+    """A Conv1D's weight [in, out] goes to the operator as its transposed view (no copy per
+    call); folding adds ΔWᵀ into it and unfolding restores it bit for bit."""
+    model = lori.get_lori_model(tiny_model("gpt2"), LoRIConfig(**CONFIG))
+    randomize_b(model)
+    layer = lori.lori_layers(model)["transformer.h.0.attn.c_attn"]
+    assert layer.base_weight().data_ptr() == layer.base_layer.weight.data_ptr()
+    assert (layer.out_features, layer.in_features) == (192, 64)
+    before = {n: p.clone() for n, p in model.named_parameters() if "b_values" not in n}
+    expected = logits(model)
+    lori.merge_adapter(model)
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    lori.unmerge_adapter(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "b_values" not in n)
 
 
 def test_merging_adapters_names_what_their_targets_select(tmp_path):
@@ -240,3 +250,15 @@ def test_merging_adapters_names_what_their_targets_select(tmp_path):
     assert merged.lori_config.target_modules == "all-linear"
     merged = lori.merge(tiny_model("llama"), [tmp_path / "a", tmp_path / "c"])
     assert merged.lori_config.target_modules == tuple(sorted(lori.lori_layers(merged)))
+
+
+def test_gpt2_adapters_export_to_peft_and_import_back(tmp_path):
+    """PEFT keeps a Conv1D's A and B as a linear layer's (fan_in_fan_out only says how to
+    fold): the exported adapter gives PEFT our logits, and imports back to them."""
+    model = lori.get_lori_model(tiny_model("gpt2"), LoRIConfig(**CONFIG))
+    randomize_b(model)
+    lori.export_peft(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = peft.PeftModel.from_pretrained(tiny_model("gpt2"), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(theirs), logits(model))
+    torch.testing.assert_close(logits(lori.import_peft(tiny_model("gpt2"), tmp_path / "peft")), logits(model))
