@@ -93,6 +93,7 @@ class LoRILinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base_layer = base_layer.requires_grad_(False)
         self.out_features, self.in_features = linear_shape(base_layer)
+        self.transposed = is_conv1d(base_layer)  # the weight is stored [in, out]
         self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
         self.block, self.dist, self.dropout, self.backend = block, dist, float(dropout), backend
         device = torch.device(device) if device is not None else base_layer.weight.device
@@ -156,7 +157,7 @@ class LoRILinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``[out, in]``: a transposed view of a ``Conv1D``'s."""
         weight = self.base_layer.weight
-        return weight.T if is_conv1d(self.base_layer) else weight
+        return weight.T if self.transposed else weight
 
     def named_adapters(self) -> dict[str, LoRILinear | NamedAdapter]:
         """Every adapter of this layer by name: its own first (the layer itself), then the
