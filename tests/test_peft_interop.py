@@ -122,6 +122,15 @@ def test_original_lori_adapter_with_its_torch_saved_masks(tmp_path):
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {f"{n}.b_values" for n in layers}
 
 
+def write_variant(d, config, tensors, config_changes=None, tensor_changes=None, drop=()):
+    """A PEFT adapter directory ``d``: ``config`` and ``tensors`` with the changes applied
+    and the keys in ``drop`` left out."""
+    d.mkdir()
+    (d / PEFT_CONFIG_FILE).write_text(json.dumps({**config, **(config_changes or {})}))
+    save_file({k: v for k, v in {**tensors, **(tensor_changes or {})}.items() if k not in drop}, d / PEFT_TENSORS_FILE)
+    return d
+
+
 def test_bad_peft_adapters_are_refused_and_the_model_is_untouched(tmp_path):
     theirs = peft_model()
     theirs.save_pretrained(tmp_path / "good")
@@ -130,12 +139,7 @@ def test_bad_peft_adapters_are_refused_and_the_model_is_untouched(tmp_path):
     key_b = next(k for k in tensors if "lora_B" in k)
 
     def variant(name, config_changes=None, tensor_changes=None, drop=()):
-        d = tmp_path / name
-        d.mkdir()
-        (d / PEFT_CONFIG_FILE).write_text(json.dumps({**config, **(config_changes or {})}))
-        t = {k: v for k, v in {**tensors, **(tensor_changes or {})}.items() if k not in drop}
-        save_file(t, d / PEFT_TENSORS_FILE)
-        return d
+        return write_variant(tmp_path / name, config, tensors, config_changes, tensor_changes, drop)
 
     nan_b = tensors[key_b].clone()
     nan_b[0, 0] = float("nan")
@@ -300,12 +304,7 @@ def test_original_adapters_that_cannot_be_imported_are_refused_by_name(tmp_path)
     mask_key = next(k for k in tensors if k.endswith("lora_B.mask"))
 
     def variant(name, config_changes=None, tensor_changes=None, drop=()):
-        d = tmp_path / name
-        d.mkdir()
-        (d / PEFT_CONFIG_FILE).write_text(json.dumps({**config, **(config_changes or {})}))
-        t = {k: v for k, v in {**tensors, **(tensor_changes or {})}.items() if k not in drop}
-        save_file(t, d / PEFT_TENSORS_FILE)
-        return d
+        return write_variant(tmp_path / name, config, tensors, config_changes, tensor_changes, drop)
 
     peft.get_peft_model(
         resized_base(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"])

@@ -25,6 +25,7 @@ import random
 import torch
 
 from lori.bench.common import environment, median_ms_each, random_block_mask, synced
+from lori.config import DEFAULT_TARGET_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ MODEL = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = DEFAULT_TARGET_MODULES  # the seven projections of a Llama layer
 R, BLOCK, SPARSITY = 16, (32, 16), 0.9
 ROWS, PREFILL_TOKENS, CACHE_TOKENS = 64, 128, 16
 N_ADAPTERS = (1, 4, 16, 64)
