@@ -18,6 +18,7 @@ from lori.model import (
     set_dropout_calls,
 )
 from lori.peft_interop import export_peft, import_peft
+from lori.quantize import QUANTIZED_KINDS, quantize_base
 from lori.serving import adapter_batch
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "LoRIError",
     "LoRILinear",
     "OutputError",
+    "QUANTIZED_KINDS",
     "TrainingError",
     "active_adapter",
     "adapter_batch",
@@ -45,6 +47,7 @@ __all__ = [
     "merge_adapter",
     "merge_and_unload",
     "print_trainable_parameters",
+    "quantize_base",
     "remove_lori",
     "save_lori",
     "save_masks",

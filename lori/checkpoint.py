@@ -59,7 +59,7 @@ from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError
 from lori.files import DirectoryWriter, is_writer, read_json, recover, write_directory
-from lori.layer import LoRILinear, is_conv1d, linear_shape
+from lori.layer import LoRILinear, is_conv1d, is_quantized, linear_shape
 from lori.model import lori_layers
 from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
@@ -319,14 +319,20 @@ def _copy_stored(model: nn.Module, stored: dict[str, torch.Tensor]) -> None:
 def base_fingerprint(model: nn.Module, exclude=()) -> str:
     """SHA-256 of the base model's parameter names and shapes (LoRI parameters and the
     names in ``exclude``, an adapter's stored weights, left out; wrapped layers under their
-    original names), so it is the same before and after ``get_lori_model`` and before and
-    after an adapter resized the vocabulary."""
+    original names; a quantized weight by its layer's ``[out, in]``, not its packing), so it
+    is the same before and after ``get_lori_model``, before and after an adapter resized the
+    vocabulary, and for a base quantized or not."""
+    packed = {id(m.weight): list(linear_shape(m)) for m in model.modules() if _is_quantized_linear(m)}
     entries = sorted(
-        (name, list(p.shape))
+        (name, packed.get(id(p), list(p.shape)))
         for name, p in ((n.replace(".base_layer.", "."), p) for n, p in model.named_parameters())
         if not name.endswith("b_values") and name not in exclude
     )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and is_quantized(module)
 
 
 def base_model_id(model: nn.Module) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import lori_kernels
 from lori_kernels import block_sparse, rng
 
-__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward", "is_conv1d", "linear_shape"]
+__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward", "is_conv1d", "is_quantized", "linear_shape"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -19,9 +20,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of an ``nn.Linear`` or a ``Conv1D``."""
-    out, inp = module.weight.shape
-    return (inp, out) if is_conv1d(module) else (out, inp)
+    """``(out_features, in_features)`` of an ``nn.Linear`` (quantized ones included: a packed
+    weight's shape is not the layer's) or a ``Conv1D``."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape[::-1])
+    return module.out_features, module.in_features
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is quantized: a tensor subclass that only the module's own
+    forward multiplies (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ``NF4Tensor``;
+    bitsandbytes' ``Params4bit``, ``Int8Params``). FSDP2's sharded ``DTensor`` is not."""
+    weight = module.weight
+    return type(weight) not in (torch.Tensor, nn.Parameter) and not isinstance(weight, DTensor)
 
 
 class LoRILinear(nn.Module):
@@ -58,7 +69,10 @@ class LoRILinear(nn.Module):
 
     ``base_layer`` is an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), whose weight is
     stored ``[in, out]``: the kernels take it as a transposed view (``base_weight``), never a
-    copy.
+    copy. A quantized ``base_layer`` (``is_quantized``: torchao's weight-only int8 / int4 /
+    NF4 tensors, bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, as QLoRA) runs its own
+    forward (and backward into ``x``), and the adapter runs beside it in ``x``'s dtype
+    (``lori_linear`` without a weight); it cannot be folded into (``merge_adapter`` refuses).
 
     Several adapters (``lori.load_lori(..., adapter_name=...)``, as PEFT's ``load_adapter``):
     the layer's own adapter is named ``adapter_name`` ("default" unless loaded under another
@@ -131,16 +145,18 @@ class LoRILinear(nn.Module):
         adapter = self if self.active_adapter == self.adapter_name else self.lori_adapters[self.active_adapter]
         if adapter.b_values.shape[0] == 0:
             return self.base_layer(x)
-        weight = self.base_weight()
+        quantized = is_quantized(self.base_layer)
+        weight = None if quantized else self.base_weight()
+        dtype = x.dtype if quantized else weight.dtype
         p = self.dropout if self.training else 0.0
         dropout_seed = rng.dropout_seed_tensor(adapter.layer_seed, self.dropout_calls, _rank()) if p > 0 else 0
         stored = adapter.stored_a is not None
         y = lori_kernels.lori_linear(
-            x.to(weight.dtype),
+            x.to(dtype),
             weight,
-            self.base_layer.bias,
+            None if quantized else self.base_layer.bias,
             None if stored else adapter.layer_seed,
-            adapter.b_values.to(weight.dtype),
+            adapter.b_values.to(dtype),
             adapter.b_blocks,
             r=adapter.r,
             block=adapter.block,
@@ -149,8 +165,11 @@ class LoRILinear(nn.Module):
             dropout_p=p,
             dropout_seed=dropout_seed,
             backend=self.backend,
-            a=adapter.stored_a.to(weight.dtype) if stored else None,
+            a=adapter.stored_a.to(dtype) if stored else None,
+            out_features=self.out_features if quantized else None,
         )
+        if quantized:  # the base layer's own forward
+            y = self.base_layer(x) + y
         # Under autocast y stays in the autocast dtype, as nn.Linear's output does.
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 

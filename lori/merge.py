@@ -27,7 +27,7 @@ import lori_kernels
 from lori.checkpoint import CONFIG_FILE, read_lori_updates
 from lori.config import LoRIConfig
 from lori.errors import CheckpointError
-from lori.layer import LoRILinear
+from lori.layer import LoRILinear, is_quantized
 from lori.model import lori_layers, remove_lori
 from lori.peft_interop import PEFT_CONFIG_FILE, read_peft
 from lori.updates import LayerUpdate, install
@@ -302,7 +302,8 @@ def _unfold(layer: LoRILinear) -> None:
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every adapter layer into its base weight (``W += s·B·A`` in float32, rounded
     once); the layers then run as their base. Undone exactly by ``unmerge_adapter``. On a
-    non-finite result the layers already folded are unfolded and an error names the layer."""
+    non-finite result the layers already folded are unfolded and an error names the layer.
+    A quantized base weight is refused before anything is folded."""
     layers = lori_layers(model)
     if not layers:
         raise ValueError("the model has no LoRI adapters to fold")
@@ -311,6 +312,13 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         raise ValueError(
             f"the active adapter {sorted(active)[0]!r} is not the model's first; merge_adapter folds the first "
             "adapter: set_adapter(model, its name) first"
+        )
+    quantized = [name for name, layer in layers.items() if is_quantized(layer.base_layer)]
+    if quantized:
+        weight = layers[quantized[0]].base_layer.weight
+        raise ValueError(
+            f"cannot fold into {quantized[0]}: its base weight is quantized ({type(weight).__name__}), and adding "
+            "ΔW to it would quantize the adapter away; keep the adapter unfolded, or load the base unquantized to fold"
         )
     done = []
     for name, layer in layers.items():

@@ -77,9 +77,7 @@ def _check_seed_or_a(seed, a, r: int, in_features: int, like: torch.Tensor, like
     return 0
 
 
-def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
-    """The checks of ``x`` and the frozen ``weight`` and ``bias`` that the layer operators
-    share; returns ``(out_features, in_features)``."""
+def _check_x(x, min_dims: int = 1) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dtype not in COMPUTE_DTYPES:
@@ -87,6 +85,12 @@ def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
     if x.dim() < min_dims:
         least = "one dimension" if min_dims == 1 else f"{min_dims} dimensions (rows first)"
         raise ValueError(f"x must have at least {least} (its last is in_features)")
+
+
+def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
+    """The checks of ``x`` and the frozen ``weight`` and ``bias`` that the layer operators
+    share; returns ``(out_features, in_features)``."""
+    _check_x(x, min_dims)
     _check_tensor("weight", weight, x)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -110,11 +114,28 @@ def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
     return out_features, in_features
 
 
+def _check_adapter_only(x, weight, bias, out_features) -> tuple[int, int]:
+    """``(out_features, in_features)`` of ``lori_linear``'s adapter-only form: no weight, no bias."""
+    _check_x(x)
+    if weight is not None:
+        raise ValueError("out_features is given only without a weight (the adapter alone); a weight's shape sets it")
+    if bias is not None:
+        raise ValueError("bias belongs to the base layer: without a weight (the adapter alone) pass bias=None")
+    if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features <= 0:
+        raise ValueError(
+            f"without a weight (the adapter alone) out_features must be a positive int, got {out_features!r}"
+        )
+    return out_features, x.shape[-1]
+
+
 def check_lori_linear_args(
-    x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a
+    x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a, out_features
 ) -> LayerSpec:
     """The ``LayerSpec`` of a ``lori_linear`` call (arguments in its order), once they are right."""
-    out_features, in_features = _check_base(x, weight, bias)
+    if weight is None or out_features is not None:
+        out_features, in_features = _check_adapter_only(x, weight, bias, out_features)
+    else:
+        out_features, in_features = _check_base(x, weight, bias)
     block = _check_common(r, block, scaling, dist)
     check_b_layout(b_values, b_blocks, block)
     _check_tensor("b_values", b_values, x)

@@ -13,7 +13,8 @@ custom ops ``lori_<backend>::forward`` and ``::backward`` with fake and autograd
 A kernel set may bring the two GEMMs with the adapter in their epilogues (``linear_expand``,
 ``linear_shrink_backward``): each replaces a torch matmul and the in-place kernel after it.
 With a stored A (``a``) instead of a seed, the A side is plain torch (``reference.shrink_a_ref``
-and its backward), the B side the backend's kernels.
+and its backward), the B side the backend's kernels. Without a weight (the adapter alone,
+beside a quantized base layer's own linear) ``y`` and ``dx`` start from zeros.
 
 Only ``h`` [M, r] is saved for backward (besides the frozen weight, B and a stored A: no
 activations); A and the dropout mask D are regenerated from their seeds, so
@@ -44,12 +45,12 @@ DOUBLE_BACKWARD_ERROR = (
 )
 _RNG_SCHEMA = "int seed, float scaling, str dist, float dropout_p, Tensor dropout_seed"
 _FORWARD_SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor b_values, Tensor b_blocks, int seed, int r, float scaling, "
-    "str dist, float dropout_p, Tensor dropout_seed, Tensor? a=None) -> (Tensor, Tensor)"
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor b_values, Tensor b_blocks, int seed, int r, int out_features, "
+    "float scaling, str dist, float dropout_p, Tensor dropout_seed, Tensor? a=None) -> (Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
-    f"(Tensor dy, Tensor h, Tensor weight, Tensor b_values, Tensor b_blocks, {_RNG_SCHEMA}, bool need_dx, "
-    "bool need_db, Tensor? a=None) -> (Tensor, Tensor)"
+    f"(Tensor dy, Tensor h, Tensor? weight, Tensor b_values, Tensor b_blocks, int in_features, {_RNG_SCHEMA}, "
+    "bool need_dx, bool need_db, Tensor? a=None) -> (Tensor, Tensor)"
 )
 
 
@@ -79,26 +80,46 @@ class FusedLayer:
         if self.checks_b_blocks and not torch.compiler.is_compiling():
             check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
         x2 = x.reshape(-1, spec.in_features).contiguous()
-        args = (x2, weight, bias, b_values.contiguous(), b_blocks.contiguous(), spec.seed, spec.r, spec.scaling)
+        args = (x2, weight, bias, b_values.contiguous(), b_blocks.contiguous(), spec.seed, spec.r, spec.out_features)
         run = self.forward_op if torch.compiler.is_compiling() else functools.partial(EagerLayer.apply, self)
-        y, _ = run(*args, spec.dist, spec.dropout_p, spec.dropout_seed, a)
+        y, _ = run(*args, spec.scaling, spec.dist, spec.dropout_p, spec.dropout_seed, a)
         return y.reshape(*x.shape[:-1], spec.out_features)
 
-    def forward(self, x, weight, bias, b_values, b_blocks, seed, r, scaling, dist, dropout_p, dropout_seed, a=None):
-        """``(y, h)`` for a 2-D contiguous ``x`` [M, in]."""
+    def forward(
+        self, x, weight, bias, b_values, b_blocks, seed, r, out_features, scaling, dist, dropout_p, dropout_seed, a=None
+    ):
+        """``(y, h)`` for a 2-D contiguous ``x`` [M, in]; without a ``weight``, the adapter's
+        part alone (``y`` starts from zeros)."""
         kernels, dropout_seed = self.kernels, int(dropout_seed)
         if a is None:
             h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
         else:
             h = reference.shrink_a_ref(x, a, dropout_p, dropout_seed)
-        if kernels.linear_expand is not None:
+        if weight is None:
+            y = x.new_zeros(x.shape[0], out_features)
+        elif kernels.linear_expand is not None:
             return kernels.linear_expand(x, weight, bias, h, b_values, b_blocks, scaling), h
-        y = torch.nn.functional.linear(x, weight, bias)
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
         kernels.expand_(y, h, b_values, b_blocks, scaling)
         return y, h
 
     def backward(
-        self, dy, h, weight, b_values, b_blocks, seed, scaling, dist, dropout_p, dropout_seed, need_dx, need_db, a=None
+        self,
+        dy,
+        h,
+        weight,
+        b_values,
+        b_blocks,
+        in_features,
+        seed,
+        scaling,
+        dist,
+        dropout_p,
+        dropout_seed,
+        need_dx,
+        need_db,
+        a=None,
     ):
         """``(dx, db_values)``; an output that is not needed comes back empty."""
         kernels = self.kernels
@@ -106,14 +127,14 @@ class FusedLayer:
         if need_dx:
             dropout_seed = int(dropout_seed)
             g = kernels.expand_backward(dy, b_values, b_blocks, h.shape[1], scaling)
-            if a is None and kernels.linear_shrink_backward is not None:
+            if a is None and weight is not None and kernels.linear_shrink_backward is not None:
                 dx = kernels.linear_shrink_backward(dy, weight, g, seed, dist, dropout_p, dropout_seed)
-            elif a is None:
-                dx = dy @ weight
-                kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
             else:
-                dx = dy @ weight
-                reference.shrink_a_backward_ref_(dx, g, a, dropout_p, dropout_seed)
+                dx = dy.new_zeros(dy.shape[0], in_features) if weight is None else dy @ weight
+                if a is None:
+                    kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
+                else:
+                    reference.shrink_a_backward_ref_(dx, g, a, dropout_p, dropout_seed)
         if need_db:
             db_values = kernels.sddmm(dy, h, b_blocks, b_values.shape[1], b_values.shape[2], scaling)
         return dx, db_values
@@ -127,22 +148,37 @@ Inputs = collections.namedtuple("Inputs", list(inspect.signature(FusedLayer.forw
 _NO_GRADIENTS = Inputs(*[None] * len(Inputs._fields))
 
 
-def _forward_fake(x, weight, bias, b_values, b_blocks, seed, r, scaling, dist, dropout_p, dropout_seed, a=None):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], r)
+def _forward_fake(
+    x, weight, bias, b_values, b_blocks, seed, r, out_features, scaling, dist, dropout_p, dropout_seed, a=None
+):
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], r)
 
 
 def _backward_fake(
-    dy, h, weight, b_values, b_blocks, seed, scaling, dist, dropout_p, dropout_seed, need_dx, need_db, a=None
+    dy,
+    h,
+    weight,
+    b_values,
+    b_blocks,
+    in_features,
+    seed,
+    scaling,
+    dist,
+    dropout_p,
+    dropout_seed,
+    need_dx,
+    need_db,
+    a=None,
 ):
-    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if need_dx else dy.new_empty(0)
+    dx = dy.new_empty(dy.shape[0], in_features) if need_dx else dy.new_empty(0)
     return dx, b_values.new_empty(b_values.shape) if need_db else dy.new_empty(0)
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
-    """Keeps ``h`` (the only activation), the frozen weight, B, a stored A and the RNG's arguments."""
+    """Keeps ``h`` (the only activation), the frozen weight, B, a stored A, in_features and the RNG's arguments."""
     args = Inputs(*inputs)
     ctx.save_for_backward(output[1], args.weight, args.b_values, args.b_blocks, args.a)
-    ctx.rng_args = (args.seed, args.scaling, args.dist, args.dropout_p, args.dropout_seed)
+    ctx.backward_args = (args.x.shape[1], args.seed, args.scaling, args.dist, args.dropout_p, args.dropout_seed)
 
 
 def _gradients(ctx, dy, run_backward) -> Inputs:
@@ -150,7 +186,7 @@ def _gradients(ctx, dy, run_backward) -> Inputs:
     h, weight, b_values, b_blocks, a = ctx.saved_tensors
     needs = Inputs(*ctx.needs_input_grad[-len(Inputs._fields) :])  # the eager Function's start with the layer's
     dx, db_values = run_backward(
-        dy.contiguous(), h, weight, b_values, b_blocks, *ctx.rng_args, needs.x, needs.b_values, a
+        dy.contiguous(), h, weight, b_values, b_blocks, *ctx.backward_args, needs.x, needs.b_values, a
     )
     return _NO_GRADIENTS._replace(x=dx if needs.x else None, b_values=db_values if needs.b_values else None)
 

@@ -19,7 +19,7 @@ __all__ = ["delta_weight", "generate_a", "lori_linear", "lori_linear_multi"]
 
 def lori_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     seed: int | torch.Tensor | None,
     b_values: torch.Tensor,
@@ -33,6 +33,7 @@ def lori_linear(
     dropout_seed: int | torch.Tensor = 0,
     backend: str = "auto",
     a: torch.Tensor | None = None,
+    out_features: int | None = None,
 ) -> torch.Tensor:
     """One LoRI layer: ``y = x @ W.T + b + scaling * ((x * D) @ A.T) @ B.T``.
 
@@ -48,10 +49,15 @@ def lori_linear(
     leading batch dimensions. Under ``torch.autocast`` for x's device the layer runs in the
     autocast dtype, as ``F.linear`` does: the floating-point arguments are cast to it (``b_values``
     differentiably, so its gradient reaches the float32 parameter in float32).
+
+    The adapter alone, ``scaling * ((x * D) @ A.T) @ B.T``: ``weight=None``, ``bias=None`` and
+    ``out_features`` given, for a base layer that runs its own forward (``LoRILinear`` over a
+    quantized weight: torchao's tensor subclasses, bitsandbytes' layers). The adapter's part
+    then starts from zeros ([M, out] written once more than with a weight).
     """
     x, weight, bias, b_values, a = _autocast(x, weight, bias, b_values, a)
     spec = check_lori_linear_args(
-        x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a
+        x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a, out_features
     )
     layer = fused.LAYERS[backends.resolve(backend, "lori_linear", x.device, x.dtype)]
     return layer(x, weight, bias, b_values, b_blocks, spec, a)

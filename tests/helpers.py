@@ -50,7 +50,7 @@ def make_layer(out, inp, r, block, keep=1.0, dtype=torch.float32, bias=True, see
 
 
 def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, backend="reference"):
-    """``lori_linear`` on a layer of ``make_layer`` (the reference backend unless told)."""
+    """``lori_linear`` on a layer of ``make_layer`` or ``adapter_alone`` (the reference backend unless told)."""
     return lori_kernels.lori_linear(
         x,
         layer["weight"],
@@ -64,4 +64,10 @@ def run(layer, x, r, block, scaling=2.0, dropout_p=0.0, dropout_seed=11, backend
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         backend=backend,
+        out_features=layer.get("out_features"),
     )
+
+
+def adapter_alone(layer):
+    """A layer of ``make_layer`` without its base: ``lori_linear(x, None, None, ..., out_features=out)``."""
+    return dict(layer, weight=None, bias=None, out_features=layer["weight"].shape[0])

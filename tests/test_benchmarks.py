@@ -39,7 +39,7 @@ def test_quick_writes_csv_json_png(quick):
     results, stdout = quick
     for suite, tables in {
         "kernels": ["kernels"],
-        "memory": ["memory_layer", "memory_model", "memory_loss"],
+        "memory": ["memory_layer", "memory_model", "memory_quantized", "memory_loss"],
         "storage": ["storage"],
     }.items():
         document = json.loads((results / f"{suite}_cpu.json").read_text())
@@ -93,6 +93,8 @@ def test_quick_memory(quick):
         assert int(lori_s["trainable_params"]) < 0.5 * int(model[("lori_d", dropout)]["trainable_params"])
         assert int(lori_s["adamw_bytes"]) < int(peft["adamw_bytes"])
         assert 0 < int(lori_s["peak_bytes"]) < int(peft["peak_bytes"])
+    quantized = {r["base"]: int(r["model_bytes"]) for r in rows(results / "memory_quantized_cpu.csv")}
+    assert quantized["nf4"] < quantized["int8"] < quantized["bfloat16"]
 
 
 def test_loss_peak_on_meta_is_the_real_peak():

@@ -10,7 +10,7 @@ casts compute as a GPU's do (a test-only shim: test_kernel_safety.py says why).
 
 import pytest
 import torch
-from helpers import assert_error_earned, make_layer, run
+from helpers import adapter_alone, assert_error_earned, make_layer, run
 
 import lori_kernels
 from lori_kernels.testing import saved_bytes
@@ -52,8 +52,10 @@ def cast(layer, dtype):
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in layer.items()}
 
 
-def check_against_reference(backend, device, lead, inp, out, r, block, keep, dropout_p, dtype):
+def check_against_reference(backend, device, lead, inp, out, r, block, keep, dropout_p, dtype, alone=False):
     layer64 = make_layer(out, inp, r, block, keep=keep, dtype=torch.float64, device=device)
+    if alone:
+        layer64 = adapter_alone(layer64)
     x = torch.randn(*lead, inp, dtype=torch.float64, device=device)
     dy = torch.randn(*lead, out, dtype=torch.float64, device=device)
     truth = forward_backward(layer64, x, dy, r, block, dropout_p, "reference")
@@ -83,6 +85,14 @@ def test_matches_reference(backend, lead, inp, out, r, block, keep, dropout_p):
     name, device = backend
     for dtype in DTYPES:
         check_against_reference(name, device, lead, inp, out, r, block, keep, dropout_p, dtype)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_adapter_alone_matches_reference(backend, dropout_p):
+    """Without a weight (a quantized base runs its own forward): the adapter's part alone."""
+    name, device = backend
+    for dtype in DTYPES:
+        check_against_reference(name, device, (2, 9), 41, 70, 16, (16, 8), 0.5, dropout_p, dtype, alone=True)
 
 
 def test_all_blocks_dropped_is_the_base_linear(backend):
@@ -120,11 +130,13 @@ def test_saves_only_h(backend, dropout_p):
     assert ours == base + 40 * 16 * 4
 
 
-def test_torch_compile_fullgraph_and_checkpointing(backend):
+@pytest.mark.parametrize("alone", [False, True], ids=["layer", "adapter_alone"])
+def test_torch_compile_fullgraph_and_checkpointing(backend, alone):
     """The op traces with fullgraph=True (fake + autograd registrations) and recomputes
     exactly under activation checkpointing (A and D come from seeds)."""
     name, device = backend
     layer = make_layer(70, 40, 8, (32, 4), keep=0.5, device=device)
+    layer = adapter_alone(layer) if alone else layer
     x = torch.randn(2, 7, 40, device=device)
 
     def f(x, b_values):

@@ -174,6 +174,7 @@ def op_args(op: str, device: str, requires_grad: bool) -> tuple:
                 t["b_blocks"],
                 SEED,
                 16,
+                t["weight"].shape[0],
                 2.0,
                 "uniform",
                 0.1,
@@ -181,7 +182,8 @@ def op_args(op: str, device: str, requires_grad: bool) -> tuple:
                 a,
             )
         rng_args = (SEED, 2.0, "uniform", 0.1, dropout_seed)
-        return t["dy"], t["h"], t["weight"], t["b_values"], t["b_blocks"], *rng_args, True, True, a
+        in_features = t["weight"].shape[1]
+        return t["dy"], t["h"], t["weight"], t["b_values"], t["b_blocks"], in_features, *rng_args, True, True, a
     index = block_index(t["b_blocks"], 3, 4)
     return {
         "generate_a": (torch.tensor(SEED, device=device), 10, 2, 3, 1, 9, "rademacher"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_error_earned, make_layer, run
+from helpers import adapter_alone, assert_error_earned, make_layer, run
 
 import lori_kernels
 from lori_kernels import block_sparse as bs
@@ -48,9 +48,11 @@ def test_matches_dense_lora_fp32(lead, inp, out, r, block, dropout_p):
     [((3,), 12, 20, 4, (8, 2)), ((2, 2), 10, 13, 4, (8, 4)), ((1,), 5, 3, 2, (1, 1))],
 )
 @pytest.mark.parametrize("dropout_p", [0.0, 0.5])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_float64(lead, inp, out, r, block, dropout_p, bias):
-    layer = make_layer(out, inp, r, block, keep=0.7, dtype=torch.float64, bias=bias)
+@pytest.mark.parametrize("base", ["bias", "no bias", "adapter alone"])
+def test_gradcheck_float64(lead, inp, out, r, block, dropout_p, base):
+    layer = make_layer(out, inp, r, block, keep=0.7, dtype=torch.float64, bias=base == "bias")
+    if base == "adapter alone":
+        layer = adapter_alone(layer)
     x = torch.randn(*lead, inp, dtype=torch.float64, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
 
@@ -211,7 +213,7 @@ def test_double_backward_through_the_custom_op_is_refused():
     layer = make_layer(32, 16, 4, (32, 4))
     x = torch.randn(3, 16, requires_grad=True)
     b_values = layer["b_values"].clone().requires_grad_()
-    args = (layer["weight"], layer["bias"], b_values, layer["b_blocks"], rng.to_int64(layer["seed"]), 4, 2.0)
+    args = (layer["weight"], layer["bias"], b_values, layer["b_blocks"], rng.to_int64(layer["seed"]), 4, 32, 2.0)
     y, _ = torch.ops.lori_reference.forward(x, *args, "uniform", 0.2, torch.tensor(11))
     (gb,) = torch.autograd.grad(y.sum(), b_values, create_graph=True)
     with pytest.raises(RuntimeError, match="lori_linear does not support double backward"):
@@ -246,6 +248,10 @@ def bad(**changes):
             "weight has dtype torch.float32 but x has torch.float64",
         ),
         (bad(x=torch.randint(0, 3, (3, 48))), TypeError, "x must be float16, bfloat16"),
+        (bad(weight=None), ValueError, "without a weight .* pass bias=None"),
+        (bad(weight=None, bias=None), ValueError, "out_features must be a positive int, got None"),
+        (bad(weight=None, bias=None, out_features=0), ValueError, "out_features must be a positive int, got 0"),
+        (bad(out_features=70), ValueError, "out_features is given only without a weight"),
         (bad(weight=torch.randn(70, 48, device="meta")), ValueError, "weight is on meta"),
         (bad(weight=torch.randn(70, 48, requires_grad=True)), ValueError, "weight requires grad"),
         (bad(weight=torch.randn(70, 48, 1)), ValueError, "weight must be 2-D"),

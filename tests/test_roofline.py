@@ -133,7 +133,15 @@ def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
         with mode:
             if p == "forward":
                 y, h = layer.forward(
-                    t["x"], t["weight"], t["bias"], t["b_values"], t["b_blocks"], r=TINY.r, scaling=2.0, **rng
+                    t["x"],
+                    t["weight"],
+                    t["bias"],
+                    t["b_values"],
+                    t["b_blocks"],
+                    r=TINY.r,
+                    out_features=t["weight"].shape[0],
+                    scaling=2.0,
+                    **rng,
                 )
             else:
                 layer.backward(
@@ -142,6 +150,7 @@ def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
                     t["weight"],
                     t["b_values"],
                     t["b_blocks"],
+                    in_features=t["weight"].shape[1],
                     scaling=2.0,
                     need_dx=True,
                     need_db=True,

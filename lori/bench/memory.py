@@ -33,6 +33,13 @@ CPU model: Llama-3-8B's proportions / 4 (hidden 1024, MLP 3584, 8 + 2 heads of 1
 2 layers, vocab 1024, 512 tokens, float32. GPU: Llama-3-8B's sizes, 2 layers, vocab 1024,
 8192 tokens, bf16. The small vocabulary keeps the logits from dominating the peak.
 
+Table ``memory_quantized``: LoRI-S (dropout 0) on the same model in bfloat16, its linear
+layers but the head left in bfloat16 or quantized by ``lori.quantize_base`` (torchao int8,
+int4, NF4; bitsandbytes NF4, LLM.int8): the model's bytes (a quantized weight by the tensors
+it holds, scales included) and the peak of one training step. On the CPU the count sees
+what a quantized layer's operators return (its dequantized weight included, where the layer
+computes through torch ops), not what they allocate and free inside.
+
 Table ``memory_loss``: the loss at Llama-3-8B's vocabulary (128,256) and width (4096), 8192
 tokens, bf16: the peak of ``lori.train.loss.response_loss_sum`` and its backward (every
 token a response token) over a model with no decoder layers (embedding, norm, output
@@ -54,7 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lori
-from lori_kernels.testing import saved_bytes
+from lori_kernels.testing import plain_tensors, saved_bytes, storage_bytes
 
 from . import kernels
 from .common import LLAMA3_8B, default_block, dtype_name, environment, lori_backends, random_block_mask
@@ -98,7 +105,8 @@ class LiveTensors(TorchDispatchMode):
 
     def hold(self, tensors) -> None:
         for t in tensors:
-            self._track(t)
+            for plain in plain_tensors(t):
+                self._track(plain)
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -146,8 +154,11 @@ def layer_rows(device: torch.device, backends: list[str] | None, env: dict, quic
     return rows
 
 
-def build_model(variant: str, case: ModelCase, dropout: float, device: torch.device, seed: int = 0):
-    """The model of ``variant`` (see the module's docstring) on ``device``, in train mode."""
+def build_model(
+    variant: str, case: ModelCase, dropout: float, device: torch.device, seed: int = 0, quantized: str | None = None
+):
+    """The model of ``variant`` (see the module's docstring) on ``device``, in train mode; its
+    linear layers but the head quantized to ``quantized`` (``lori.quantize_base``) if given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -178,6 +189,8 @@ def build_model(variant: str, case: ModelCase, dropout: float, device: torch.dev
     else:
         lori_config = lori.LoRIConfig(r=RANK, block=block, dropout=dropout, seed=seed)
         model = lori.get_lori_model(model, lori_config, masks=masks if variant == "lori_s" else None)
+    if quantized is not None:
+        lori.quantize_base(model, quantized)
     return model.train()
 
 
@@ -207,17 +220,22 @@ class Training:
         return [t for state in states for t in state.values() if torch.is_tensor(t)]
 
 
-def training(variant: str, case: ModelCase, dropout: float, device: torch.device) -> Training:
-    model = build_model(variant, case, dropout, device)
+def training(
+    variant: str, case: ModelCase, dropout: float, device: torch.device, quantized: str | None = None
+) -> Training:
+    model = build_model(variant, case, dropout, device, quantized=quantized)
     ids = torch.randint(0, case.config["vocab_size"], (1, case.tokens), generator=torch.Generator().manual_seed(1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0) if trainable else None
     return Training(model, ids.to(device), optimizer)
 
 
-def model_row(variant: str, case: ModelCase, dropout: float, device: torch.device) -> dict:
-    """One training step of ``variant``: trainable, gradient, AdamW and saved bytes, peak."""
-    run = training(variant, case, dropout, device)
+def model_row(
+    variant: str, case: ModelCase, dropout: float, device: torch.device, quantized: str | None = None
+) -> dict:
+    """One training step of ``variant`` (over a base quantized to ``quantized``): trainable,
+    gradient, AdamW and saved bytes, peak."""
+    run = training(variant, case, dropout, device, quantized)
     trainable = run.trainable()
     run.loss().backward()  # warm-up: gradients, then AdamW's state, exist afterwards
     grad_bytes = tensor_bytes(p.grad for p in trainable)
@@ -225,7 +243,7 @@ def model_row(variant: str, case: ModelCase, dropout: float, device: torch.devic
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     state = run.optimizer_state()
-    weights = tuple(run.model.parameters()) + tuple(run.model.buffers())
+    weights = [t for w in (*run.model.parameters(), *run.model.buffers()) for t in plain_tensors(w)]
     saved = saved_bytes(run.loss, exclude=weights)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -246,15 +264,14 @@ def model_row(variant: str, case: ModelCase, dropout: float, device: torch.devic
         "grad_bytes": grad_bytes,
         "adamw_bytes": tensor_bytes(state),
         "saved_bytes": saved,
-        "model_bytes": tensor_bytes(weights),
+        "model_bytes": storage_bytes(weights),
         "peak_bytes": peak,
         "peak_method": method,
     }
 
 
-def model_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
-    case = model_case(device.type, quick)
-    columns = {
+def _case_columns(case: ModelCase) -> dict:
+    return {
         "hidden": case.config["hidden_size"],
         "intermediate": case.config["intermediate_size"],
         "layers": case.config["num_hidden_layers"],
@@ -264,6 +281,11 @@ def model_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
         "sparsity": SPARSITY,
         "dtype": dtype_name(case.dtype),
     }
+
+
+def model_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
+    case = model_case(device.type, quick)
+    columns = _case_columns(case)
     rows = []
     for dropout in DROPOUTS:
         for variant in VARIANTS:
@@ -282,6 +304,25 @@ def model_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    return rows
+
+
+def quantized_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
+    """LoRI-S's training step (dropout 0) over the model case's base in bfloat16 and quantized
+    to each of ``lori.QUANTIZED_KINDS``: table ``memory_quantized``."""
+    case = dataclasses.replace(model_case(device.type, quick), dtype=torch.bfloat16)
+    rows = []
+    for base in ("bfloat16", *lori.QUANTIZED_KINDS):
+        row = model_row("lori_s", case, 0.0, device, quantized=None if base == "bfloat16" else base)
+        rows.append({**env, **_case_columns(case), "base": base, **row})
+        log.info(
+            "lori_s over a %s base: model %.1f MB, peak %.1f MB",
+            base,
+            row["model_bytes"] / 1e6,
+            row["peak_bytes"] / 1e6,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -354,10 +395,12 @@ def loss_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
 
 
 def run(device: torch.device, *, quick: bool = False, full: bool = False, backends: list[str] | None = None) -> dict:
-    """The memory suite on ``device``: tables ``memory_layer``, ``memory_model`` and ``memory_loss``."""
+    """The memory suite on ``device``: tables ``memory_layer``, ``memory_model``, ``memory_quantized``
+    and ``memory_loss``."""
     env = environment(device)
     return {
         "memory_layer": layer_rows(device, backends, env, quick),
         "memory_model": model_rows(device, env, quick),
+        "memory_quantized": quantized_rows(device, env, quick),
         "memory_loss": loss_rows(device, env, quick),
     }

@@ -198,6 +198,29 @@ def loss_memory_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def quantized_memory_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    first = rows[0]
+    out = [
+        f"LoRI-S's training step over a quantized base (`lori.quantize_base`), hidden {first['hidden']}, "
+        f"{first['layers']} layers, {first['tokens']} tokens, activations {first['dtype']} (peak: "
+        f"{first['peak_method'].replace('_', ' ')}):\n"
+    ]
+    plain = {k: next((r[k] for r in rows if r["base"] == "bfloat16"), None) for k in ("model_bytes", "peak_bytes")}
+    table = [
+        [
+            r["base"],
+            _mb(r["model_bytes"]),
+            _mb(r["peak_bytes"]),
+            f"{r['peak_bytes'] / plain['peak_bytes']:.2f}x" if plain["peak_bytes"] else "-",
+        ]
+        for r in rows
+    ]
+    out.append(_table(["base", "model, MB", "peak, MB", "peak / bf16 base's"], table))
+    return "\n".join(out)
+
+
 def storage_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -377,6 +400,7 @@ def markdown(results: Path = RESULTS) -> str:
             else "",
             merge_markdown(_load(results, "merge", device)),
             memory_markdown(_load(results, "memory_layer", device), _load(results, "memory_model", device)),
+            quantized_memory_markdown(_load(results, "memory_quantized", device)),
             loss_memory_markdown(_load(results, "memory_loss", device)),
             storage_markdown(_load(results, "storage", device)),
             interference_markdown(_load(results, "interference", device)),
