@@ -1,4 +1,4 @@
-// Argument checks of the fused-layer ops (shrink, expand, sddmm), shared by the CPU and
+// Argument checks of the layer ops (shrink, expand, sddmm, expand_segments_), shared by the CPU and
 // CUDA implementations: every failure names the op and the argument.
 #pragma once
 
@@ -193,6 +193,44 @@ inline void check_col_index_cpu(const char* op, const at::Tensor& b_blocks, cons
                   op, ": col_order[", t, "] = ", k, " is not the next block of block column ", j);
     }
   }
+}
+
+// A per-row or per-segment argument: `dtype` [size], contiguous, on y's device.
+inline void check_segment_vector(const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t size,
+                                 const at::Tensor& y) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == size, "expand_segments_: ", name,
+              " must be a ", dtype, " tensor [", size, "], got ", t.scalar_type(), " with shape ", t.sizes());
+  TORCH_CHECK(t.device() == y.device(), "expand_segments_: ", name, " is on ", t.device(), " but y is on ",
+              y.device());
+  TORCH_CHECK(t.is_contiguous(), "expand_segments_: ", name, " must be contiguous");
+}
+
+// y [M, out], h [M_g, r] (the rows of S segments, seg_ptr int32 [S + 1]), rows int64 [M_g]
+// (rows of y), longest >= 0, the concatenated B of the segments (b_values, b_blocks),
+// row_ptr int32 [S, n_rows + 1] and scaling float32 [S]; reads no values.
+inline BlockLayout check_expand_segments(const at::Tensor& y, const at::Tensor& h, const at::Tensor& rows,
+                                         const at::Tensor& seg_ptr, int64_t longest, const at::Tensor& b_values,
+                                         const at::Tensor& b_blocks, const at::Tensor& row_ptr,
+                                         const at::Tensor& scaling) {
+  check_matrix("expand_segments_", "y", y);
+  check_matrix("expand_segments_", "h", h);
+  check_like("expand_segments_", "h", h, "y", y);
+  const BlockLayout layout = check_b("expand_segments_", b_values, b_blocks, y.size(1), h.size(1), "y", y);
+  check_segment_vector("rows", rows, at::kLong, h.size(0), y);
+  TORCH_CHECK(seg_ptr.dim() == 1 && seg_ptr.size(0) >= 1,
+              "expand_segments_: seg_ptr must be an int32 tensor [S + 1], got shape ", seg_ptr.sizes());
+  const int64_t segments = seg_ptr.size(0) - 1;
+  check_segment_vector("seg_ptr", seg_ptr, at::kInt, segments + 1, y);
+  check_segment_vector("scaling", scaling, at::kFloat, segments, y);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 2 && row_ptr.size(0) == segments &&
+                  row_ptr.size(1) == layout.n_rows + 1,
+              "expand_segments_: row_ptr must be an int32 tensor [", segments, ", ", layout.n_rows + 1,
+              "] (segments, block rows + 1), got ", row_ptr.scalar_type(), " with shape ", row_ptr.sizes());
+  TORCH_CHECK(row_ptr.device() == y.device(), "expand_segments_: row_ptr is on ", row_ptr.device(),
+              " but y is on ", y.device());
+  TORCH_CHECK(row_ptr.is_contiguous(), "expand_segments_: row_ptr must be contiguous");
+  TORCH_CHECK(longest >= 0, "expand_segments_: longest must be >= 0, got ", longest);
+  return layout;
 }
 
 }  // namespace lori

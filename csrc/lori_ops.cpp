@@ -31,6 +31,13 @@ TORCH_LIBRARY(lori, m) {
   m.def(
       "expand_(Tensor(a!) y, Tensor h, Tensor b_values, Tensor b_blocks, Tensor row_ptr, float scaling) "
       "-> ()");
+  // y[rows[i]] += scaling[s] * h[i] @ B_s.T for the rows i of each segment s (seg_ptr int32 [S + 1]
+  // into h; rows int64, distinct rows of y; longest: the largest segment's row count), B_s the
+  // blocks row_ptr[s] (int32 [S, n_rows + 1]) of the concatenated b_values / b_blocks; scaling
+  // float32 [S]. The mixed-adapter batches of lori_kernels/multi.py.
+  m.def(
+      "expand_segments_(Tensor(a!) y, Tensor h, Tensor rows, Tensor seg_ptr, int longest, Tensor b_values, "
+      "Tensor b_blocks, Tensor row_ptr, Tensor scaling) -> ()");
   // g = scaling * dy @ B  [M, r]
   m.def(
       "expand_backward(Tensor dy, Tensor b_values, Tensor b_blocks, Tensor col_ptr, Tensor col_order, int r, "
@@ -42,13 +49,14 @@ TORCH_LIBRARY(lori, m) {
 // The ops are kernels of the fused layer, which differentiates itself (lori_kernels/fused.py):
 // they have no derivatives, and backpropagating through one raises an error naming it.
 TORCH_LIBRARY_IMPL(lori, Autograd, m) {
-  for (const char* op : {"generate_a", "shrink", "shrink_backward_", "expand_", "expand_backward", "sddmm"}) {
+  for (const char* op : {"generate_a", "shrink", "shrink_backward_", "expand_", "expand_segments_", "expand_backward",
+                         "sddmm"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
 
 TORCH_LIBRARY_IMPL(lori, ADInplaceOrView, m) {
-  for (const char* op : {"shrink_backward_", "expand_"}) {
+  for (const char* op : {"shrink_backward_", "expand_", "expand_segments_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
   }
 }

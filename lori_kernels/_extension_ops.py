@@ -24,6 +24,7 @@ _fake = torch.library.register_fake
 _fake("lori::shrink")(lambda x, seed, r, dist, dropout_p, dropout_seed: x.new_empty(x.shape[0], r))
 _fake("lori::shrink_backward_")(lambda dx, g, seed, dist, dropout_p, dropout_seed: None)
 _fake("lori::expand_")(lambda y, h, b_values, b_blocks, row_ptr, scaling: None)
+_fake("lori::expand_segments_")(lambda y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling: None)
 _fake("lori::expand_backward")(
     lambda dy, b_values, b_blocks, col_ptr, col_order, r, scaling: dy.new_empty(dy.shape[0], r)
 )
@@ -51,4 +52,12 @@ def expand_backward(dy, b_values, b_blocks, r, scaling) -> torch.Tensor:
 
 
 _ops = torch.ops.lori
-KERNELS = LayerKernels(_ops.shrink, _ops.shrink_backward_, expand_, expand_backward, _ops.sddmm, generate_a)
+KERNELS = LayerKernels(
+    _ops.shrink,
+    _ops.shrink_backward_,
+    expand_,
+    expand_backward,
+    _ops.sddmm,
+    generate_a,
+    expand_segments_=_ops.expand_segments_,
+)

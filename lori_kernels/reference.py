@@ -2,7 +2,7 @@
 
 Its kernels mirror the fast backends' one for one (``*_ref`` twins of shrink,
 shrink_backward_, expand_, expand_backward, sddmm and generate_a: ``KERNELS``; and
-``expand_segments_ref_``, the twin of the Triton segmented expand of mixed batches) and are
+``expand_segments_ref_``, the twin of the segmented expand of mixed batches) and are
 composed by the same ``fused.FusedLayer`` as every backend's:
 
     h  = (x * D) @ A.T                     [M, r]   the only activation saved

@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 from helpers import assert_bitwise_equal, assert_error_earned, make_layer
+from test_multi_op import segmented_expand_args
 
 import lori_kernels
 from lori_kernels import backends, fused, reference, rng
@@ -144,7 +145,7 @@ def test_kernels_match_their_twins(request, name, device, tested, dtype, shape):
 # backward refuses (DOUBLE_BACKWARD_ERROR), the extension's kernels are registered as such.
 NO_DERIVATIVE = ("backward", "shrink", "expand_backward", "sddmm")
 NOT_DIFFERENTIABLE = "does not support double backward|is not implemented"
-EXT_OPS = ("generate_a", "shrink", "shrink_backward_", "expand_", "expand_backward", "sddmm")
+EXT_OPS = ("generate_a", "shrink", "shrink_backward_", "expand_", "expand_segments_", "expand_backward", "sddmm")
 OPS = (
     ["lori_rng::dropout_seed"]
     + [f"lori_{name}::{op}" for name in backends.BACKENDS for op in ("forward", "backward")]
@@ -190,6 +191,7 @@ def op_args(op: str, device: str, requires_grad: bool) -> tuple:
         "shrink": (t["x"], SEED, 16, "uniform", 0.2, DROPOUT_SEED),
         "shrink_backward_": (t["dx"], t["h"], SEED, "rademacher", 0.2, DROPOUT_SEED),
         "expand_": (t["y"], t["h"], t["b_values"], t["b_blocks"], index.row_ptr, 2.0),
+        "expand_segments_": tuple(segmented_expand_args(device, torch.float32).values()),
         "expand_backward": (t["dy"], t["b_values"], t["b_blocks"], index.col_ptr, index.col_order, 16, 2.0),
         "sddmm": (t["dy"], t["h"], t["b_blocks"], 32, 4, 2.0),
     }[name]

@@ -1,5 +1,6 @@
 """``lori_kernels.lori_linear_multi``: each row as ``lori_linear`` with its adapter alone, on
-every backend; one shrink per seed group; the segmented expand against its torch twin."""
+every backend; one shrink per seed group; each backend's segmented expand against its torch twin,
+and the extension's ``lori::expand_segments_`` under opcheck and refusing wrong arguments."""
 
 import pytest
 import torch
@@ -115,31 +116,80 @@ def test_one_shrink_per_seed_group(monkeypatch):
     assert calls == [6, 1]  # rows of adapters 0, 1, 2 and 4 in one shrink; adapter 3's in another
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_segmented_expand_matches_its_twin(dtype):
-    backend_or_skip("triton")
-    if backends.triton_dtype_problem("cpu", dtype) is not None and not torch.cuda.is_available():
-        pytest.skip(backends.triton_dtype_problem("cpu", dtype))
-    from lori_kernels.triton_kernels.expand_segments import expand_segments_
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    specs = [s._replace(b_values=s.b_values.to(device), b_blocks=s.b_blocks.to(device)) for s in adapters()]
-    packed = lori_kernels.pack_adapters([specs[k] for k in (0, 1, 4)], OUT)
+def segmented_expand_args(device, dtype) -> dict:
+    """Arguments of ``expand_segments_`` in its order (test_kernels.py opchecks it with them)
+    over four segments of adapters 0, 1, 4 and 0 again: 15, 0 (empty), 12 (adapter 4 keeps no
+    block) and 10 rows of ``h`` at rows of ``y`` [50, 40] scattered; B's last block row is
+    partial (40 % 16 != 0)."""
+    specs = adapters()
+    packed = lori_kernels.pack_adapters([specs[k] for k in (0, 1, 4, 0)], OUT)
     (group,) = packed.groups
-    (expand_set,) = group.sets
+    (s,) = group.sets
     g = torch.Generator().manual_seed(4)
-    h = torch.randn(37, 16, generator=g).to(device)
-    rows = torch.randperm(50, generator=g)[:37].to(device)  # y's rows, scattered
-    seg_ptr = torch.tensor([0, 20, 37, 37], dtype=torch.int32, device=device)
-    y0 = torch.randn(50, OUT, generator=g).to(device)
-    index = (rows, seg_ptr, 20)  # segments of 20, 17 and 0 rows; the longest has 20
-    b = (expand_set.b_blocks, expand_set.row_ptr, expand_set.scaling)
-    truth = y0.double()
-    reference.expand_segments_ref_(truth, h.double(), *index, expand_set.b_values.double(), *b)
-    torch_same, got = y0.to(dtype), y0.to(dtype)
-    reference.expand_segments_ref_(torch_same, h.to(dtype), *index, expand_set.b_values.to(dtype), *b)
-    expand_segments_(got, h.to(dtype), *index, expand_set.b_values.to(dtype), *b)
+    y, h = torch.randn(50, OUT, generator=g), torch.randn(37, 16, generator=g)
+    return dict(
+        y=y.to(device=device, dtype=dtype),
+        h=h.to(device=device, dtype=dtype),
+        rows=torch.randperm(50, generator=g)[:37].to(device),
+        seg_ptr=torch.tensor([0, 15, 15, 27, 37], dtype=torch.int32, device=device),
+        longest=15,
+        b_values=s.b_values.to(device=device, dtype=dtype),
+        b_blocks=s.b_blocks.to(device),
+        row_ptr=s.row_ptr.to(device),
+        scaling=s.scaling.to(device),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["cpu_ext", "cuda_ext", "triton"])
+def test_segmented_expand_matches_its_twin(backend, dtype):
+    """Each backend's one-launch segmented expand against ``reference.expand_segments_ref_``
+    (``expand_`` per segment) in float64, its error earned against the twin's in ``dtype``;
+    rows of ``y`` outside the segments with blocks stay as they were."""
+    backend_or_skip(backend)
+    device = "cpu" if backend == "cpu_ext" or not torch.cuda.is_available() else "cuda"
+    if backend == "triton" and backends.triton_dtype_problem(device, dtype) is not None:
+        pytest.skip(backends.triton_dtype_problem(device, dtype))
+    args = segmented_expand_args(device, dtype)
+    y, h, b_values = args.pop("y"), args.pop("h"), args.pop("b_values")
+    truth = y.double()
+    reference.expand_segments_ref_(truth, h.double(), b_values=b_values.double(), **args)
+    torch_same, got = y.clone(), y.clone()
+    reference.expand_segments_ref_(torch_same, h, b_values=b_values, **args)
+    backends.kernels(backend).expand_segments_(got, h, b_values=b_values, **args)
     assert_error_earned(got, torch_same, truth)
+    untouched = torch.ones(50, dtype=torch.bool, device=device)
+    untouched[args["rows"][:15]] = untouched[args["rows"][27:]] = False  # the segments with blocks
+    assert torch.equal(got[untouched], y[untouched])
+
+
+def _first_block_row_takes_all(row_ptr):
+    """Segment 3's blocks all listed in its block row 0."""
+    row_ptr = row_ptr.clone()
+    row_ptr[3, 1:-1] = row_ptr[3, -1]
+    return row_ptr
+
+
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("rows", lambda t: t.int(), r"rows must be a Long tensor \[37\], got Int"),
+        ("rows", lambda t: torch.cat([t[:3], t[:1], t[4:]]), r"rows must be distinct, but rows\[3\] = \d+ comes twice"),
+        ("rows", lambda t: t + 50, r"rows\[0\] = \d+ is out of range: y has 50 rows"),
+        ("scaling", lambda t: t[:-1], r"scaling must be a Float tensor \[4\], got Float with shape \[3\]"),
+        ("longest", lambda n: 12, "longest = 12 but segment 0 has 15 rows"),
+        ("seg_ptr", lambda t: t.flip(0), "seg_ptr must run from 0 to the 37 rows of h, got 37 to 0"),
+        ("row_ptr", lambda t: t[:, :-1].contiguous(), r"row_ptr must be an int32 tensor \[4, 4\]"),
+        ("row_ptr", _first_block_row_takes_all, r"b_blocks\[\d+\] = \([12], \d\) is not the next block of block row 0"),
+    ],
+    ids=["rows-dtype", "repeated-row", "row-range", "scaling-size", "longest", "seg-ptr", "row-ptr-shape", "row-ptr"],
+)
+def test_segmented_expand_refusals(ext, name, change, match):
+    """The C++ checks of ``lori::expand_segments_`` name the argument and the problem."""
+    args = segmented_expand_args("cpu", torch.float32)
+    args[name] = change(args[name])
+    with pytest.raises(RuntimeError, match=match):
+        ext.expand_segments_(**args)
 
 
 def test_refusals():
