@@ -16,7 +16,7 @@ from torch import nn
 
 import lori_kernels
 from lori.adapters import list_adapters
-from lori.layer import LoRILinear
+from lori.layer import LoRILinear, is_quantized
 from lori.model import lori_layers
 
 __all__ = ["adapter_batch"]
@@ -25,12 +25,17 @@ __all__ = ["adapter_batch"]
 class LayerBatch:
     """One layer's part of a mixed batch: the adapters in use packed once (B cast to the
     base weight's dtype and concatenated), and each row's index among them (-1: none). Called
-    by ``LoRILinear.forward`` in place of its own adapter."""
+    by ``LoRILinear.forward`` in place of its own adapter. Over a quantized base layer the
+    adapters run alone beside its own forward, in its compute dtype (float32 where a packed
+    weight does not tell)."""
 
     def __init__(self, layer: LoRILinear, used: list[str], row_adapters: tuple[int, ...]):
         adapters = layer.named_adapters()
-        dtype = layer.base_layer.weight.dtype
-        specs = [_spec(adapters[name], dtype) for name in used]
+        self.quantized = is_quantized(layer.base_layer)
+        weight = layer.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.dtype = getattr(layer.base_layer, "compute_dtype", None) or dtype
+        specs = [_spec(adapters[name], self.dtype) for name in used]
         self.packed = lori_kernels.pack_adapters(specs, layer.out_features) if specs else None
         self.row_adapters = row_adapters
         self._expanded = {1: row_adapters}
@@ -54,6 +59,11 @@ class LayerBatch:
         rows = self.rows(x.shape[0])
         if self.packed is None:
             return layer.base_layer(x)
+        if self.quantized:
+            adapters = lori_kernels.lori_linear_multi(
+                x.to(self.dtype), None, None, rows, self.packed, backend=layer.backend, out_features=layer.out_features
+            )
+            return layer.base_layer(x) + adapters.to(x.dtype)
         weight = layer.base_weight()
         y = lori_kernels.lori_linear_multi(
             x.to(weight.dtype), weight, layer.base_layer.bias, rows, self.packed, backend=layer.backend

@@ -114,9 +114,10 @@ def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
     return out_features, in_features
 
 
-def _check_adapter_only(x, weight, bias, out_features) -> tuple[int, int]:
-    """``(out_features, in_features)`` of ``lori_linear``'s adapter-only form: no weight, no bias."""
-    _check_x(x)
+def _check_adapter_only(x, weight, bias, out_features, min_dims: int = 1) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the adapter-only form of the layer operators: no
+    weight, no bias."""
+    _check_x(x, min_dims)
     if weight is not None:
         raise ValueError("out_features is given only without a weight (the adapter alone); a weight's shape sets it")
     if bias is not None:
@@ -189,12 +190,16 @@ MULTI_GRAD_ERROR = (
 )
 
 
-def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters):
-    """``(adapters, row_adapters as a tuple of ints, tokens per row)`` of a ``lori_linear_multi``
-    call (arguments in its order), once they are right; ``adapters`` as given (specs or packed)."""
+def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters, out_features):
+    """``(adapters, row_adapters as a tuple of ints, tokens per row, out_features)`` of a
+    ``lori_linear_multi`` call (arguments in its order), once they are right; ``adapters`` as
+    given (specs or packed)."""
     from lori_kernels.multi import AdapterSpec, PackedAdapters
 
-    out_features, in_features = _check_base(x, weight, bias, min_dims=2)
+    if weight is None or out_features is not None:
+        out_features, in_features = _check_adapter_only(x, weight, bias, out_features, min_dims=2)
+    else:
+        out_features, in_features = _check_base(x, weight, bias, min_dims=2)
     if isinstance(adapters, PackedAdapters):  # pack_adapters checked them: one dtype and device
         specs = adapters.adapters
         if adapters.out_features != out_features:
@@ -240,4 +245,4 @@ def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters):
             f"row_adapters must hold adapter indices in [0, {len(specs)}) or -1 (the base), got {bad[0]!r}"
         )
     tokens = x[0].numel() // in_features if x.shape[0] else 0
-    return adapters, rows, tokens
+    return adapters, rows, tokens, out_features

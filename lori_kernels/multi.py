@@ -202,14 +202,15 @@ def _expand_set(adapters, members: tuple[int, ...], block, out_features: int) ->
 def forward(
     kernels: LayerKernels,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    out_features: int,
     packed: PackedAdapters,
     plan: RowPlan,
 ) -> torch.Tensor:
-    """``y`` [M, out] of a 2-D contiguous ``x`` [M, in]: the base for every row, each row's
-    adapter (``plan``) added over ``kernels``."""
-    y = torch.nn.functional.linear(x, weight, bias)
+    """``y`` [M, out_features] of a 2-D contiguous ``x`` [M, in]: the base for every row (none
+    without a ``weight``), each row's adapter (``plan``) added over ``kernels``."""
+    y = x.new_zeros(x.shape[0], out_features) if weight is None else torch.nn.functional.linear(x, weight, bias)
     for group, (rows, spans) in zip(packed.groups, plan.groups, strict=True):
         if rows.numel() == 0:
             continue

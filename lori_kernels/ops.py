@@ -75,12 +75,13 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 def lori_linear_multi(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     row_adapters,
     adapters: PackedAdapters | Sequence[AdapterSpec],
     *,
     backend: str = "auto",
+    out_features: int | None = None,
 ) -> torch.Tensor:
     """Many LoRI adapters of one layer in one batch: row ``i`` of ``x`` (its first dimension)
     gets ``y_i = x_i @ W.T + b + s_a * (x_i @ A_a.T) @ B_a.T`` with ``a = row_adapters[i]``, or
@@ -96,15 +97,19 @@ def lori_linear_multi(
     launch) has one entry per row of ``x``, which may have more dimensions (``[batch, tokens,
     in]``: each row's tokens share its adapter). Each row's result equals ``lori_linear`` with
     its adapter alone, up to summation order. Inference only: no dropout, and nothing may
-    require grad under grad mode (run it under ``torch.no_grad()``).
+    require grad under grad mode (run it under ``torch.no_grad()``). ``weight=None``, ``bias=None``
+    and ``out_features``: the adapters' part alone, as ``lori_linear`` without a weight.
     """
-    packed, rows, tokens = check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters)
+    packed, rows, tokens, out_features = check_lori_linear_multi_args(
+        x, weight, bias, row_adapters, adapters, out_features
+    )
     if not isinstance(packed, PackedAdapters):
-        packed = multi.pack_adapters(packed, weight.shape[0])
+        packed = multi.pack_adapters(packed, out_features)
     name = backends.resolve(backend, "lori_linear_multi", x.device, x.dtype)
-    x2 = x.reshape(-1, weight.shape[1]).contiguous()
-    y = multi.forward(backends.kernels(name), x2, weight, bias, packed, packed.plan(rows, tokens))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    plan = packed.plan(rows, tokens)
+    y = multi.forward(backends.kernels(name), x2, weight, bias, out_features, packed, plan)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def generate_a(

@@ -112,7 +112,7 @@ def test_one_shrink_per_seed_group(monkeypatch):
     )
     x = torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
     rows = (0, 1, 2, 3, 4, 0, 1, -1)
-    multi.forward(kernels, x, weight, bias, packed, packed.plan(rows, 1))
+    multi.forward(kernels, x, weight, bias, OUT, packed, packed.plan(rows, 1))
     assert calls == [6, 1]  # rows of adapters 0, 1, 2 and 4 in one shrink; adapter 3's in another
 
 
