@@ -59,7 +59,7 @@ from lori.config import LoRIConfig
 from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError
 from lori.files import DirectoryWriter, is_writer, read_json, recover, write_directory
-from lori.layer import LoRILinear, is_conv1d, is_quantized, linear_shape
+from lori.layer import LoRILinear, is_conv1d, linear_shape, quantized_weight_shapes
 from lori.model import lori_layers
 from lori.updates import LayerUpdate, install
 from lori_kernels import block_sparse, rng
@@ -322,17 +322,13 @@ def base_fingerprint(model: nn.Module, exclude=()) -> str:
     original names; a quantized weight by its layer's ``[out, in]``, not its packing), so it
     is the same before and after ``get_lori_model``, before and after an adapter resized the
     vocabulary, and for a base quantized or not."""
-    packed = {id(m.weight): list(linear_shape(m)) for m in model.modules() if _is_quantized_linear(m)}
+    packed = quantized_weight_shapes(model)
     entries = sorted(
-        (name, packed.get(id(p), list(p.shape)))
+        (name, list(packed.get(id(p), p.shape)))
         for name, p in ((n.replace(".base_layer.", "."), p) for n, p in model.named_parameters())
         if not name.endswith("b_values") and name not in exclude
     )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def _is_quantized_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and is_quantized(module)
 
 
 def base_model_id(model: nn.Module) -> str:

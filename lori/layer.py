@@ -10,7 +10,15 @@ from torch.distributed.tensor import DTensor
 import lori_kernels
 from lori_kernels import block_sparse, rng
 
-__all__ = ["LoRILinear", "NamedAdapter", "count_training_forward", "is_conv1d", "is_quantized", "linear_shape"]
+__all__ = [
+    "LoRILinear",
+    "NamedAdapter",
+    "count_training_forward",
+    "is_conv1d",
+    "is_quantized",
+    "linear_shape",
+    "quantized_weight_shapes",
+]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -33,6 +41,12 @@ def is_quantized(module: nn.Module) -> bool:
     bitsandbytes' ``Params4bit``, ``Int8Params``). FSDP2's sharded ``DTensor`` is not."""
     weight = module.weight
     return type(weight) not in (torch.Tensor, nn.Parameter) and not isinstance(weight, DTensor)
+
+
+def quantized_weight_shapes(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """``id(weight) -> (out, in)`` of every quantized linear layer's weight in ``model``: the
+    shape it stands for, which a packed weight's own shape is not (bitsandbytes' 4-bit)."""
+    return {id(m.weight): linear_shape(m) for m in model.modules() if isinstance(m, nn.Linear) and is_quantized(m)}
 
 
 class LoRILinear(nn.Module):

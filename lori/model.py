@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Callable
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from lori.config import ALL_LINEAR, LoRIConfig
-from lori.layer import LoRILinear, count_training_forward, is_conv1d, linear_shape
+from lori.layer import LoRILinear, count_training_forward, is_conv1d, linear_shape, quantized_weight_shapes
 from lori_kernels import block_sparse
 from lori_kernels.rng import layer_seed
 
@@ -277,9 +278,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """Log, like PEFT, the trainable and total parameter counts; return them."""
+    """Log, like PEFT, the trainable and total parameter counts (a quantized weight by the
+    parameters it stands for); return them."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    packed = quantized_weight_shapes(model)
+    total = sum(math.prod(packed[id(p)]) if id(p) in packed else p.numel() for p in model.parameters())
     log.info(
         "trainable params: %s || all params: %s || trainable%%: %.4f",
         f"{trainable:,}",

@@ -122,6 +122,15 @@ def test_quantized_model_trains_saves_and_loads(kind, tmp_path):
         torch.testing.assert_close(fresh.eval()(ids).logits, logits)
 
 
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_parameter_counts_are_the_unquantized_models(kind):
+    """print_trainable_parameters counts what a quantized weight stands for, as PEFT does
+    (bitsandbytes' 4-bit weight holds two values per element)."""
+    config = LoRIConfig(r=8, block=(16, 8), seed=3)
+    plain = lori.print_trainable_parameters(lori.get_lori_model(tiny_llama(), config))
+    assert lori.print_trainable_parameters(lori.get_lori_model(quantize_base(tiny_llama(), kind), config)) == plain
+
+
 def test_quantizing_after_injection_keeps_the_adapter():
     """quantize_base on a LoRI model quantizes the base layers under the adapters."""
     model = lori.get_lori_model(tiny_llama(), LoRIConfig(r=8, block=(16, 8), seed=3))
