@@ -125,7 +125,7 @@ def test_report_renders_committed_results(tmp_path):
     text = report.markdown(RESULTS)
     assert text.startswith("#### CPU") and "| in × out |" in text and "| checkpoint |" in text
     plots = {p.name for p in report.plots(RESULTS, tmp_path)}
-    assert plots == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png", "interference_cpu.png"}
+    assert plots == {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png", "interference_cpu.png", "serving_cpu.png"}
 
 
 def test_pytest_benchmark_suites_run():
@@ -162,7 +162,12 @@ def test_lori_bench_on_the_command_line_renders_committed_results(tmp_path, caps
     shutil.copytree(Path(__file__).resolve().parents[1] / "benchmarks" / "results", results)
     assert main(["bench", "--report-only", "--results", str(results)]) == 0
     assert "| in × out |" in capsys.readouterr().out
-    assert {p.name for p in results.glob("*.png")} >= {"kernels_cpu.png", "memory_cpu.png", "storage_cpu.png"}
+    assert {p.name for p in results.glob("*.png")} >= {
+        "kernels_cpu.png",
+        "memory_cpu.png",
+        "storage_cpu.png",
+        "serving_cpu.png",
+    }
 
 
 def test_readme_benchmark_tables_are_the_committed_results():
@@ -176,3 +181,65 @@ def test_readme_benchmark_tables_are_the_committed_results():
     assert len(rows) > 20
     missing = [row for row in rows if row not in rendered]
     assert not missing, missing[:3]
+
+
+def test_readme_serving_tables_are_the_committed_results():
+    """Every table row of the README's serving section (timings, adapter memory) is in the
+    report rendered from the committed serving results."""
+    from lori.bench import report
+
+    rendered = report.markdown(RESULTS)
+    section = (ROOT / "README.md").read_text().split("\n## Serving many adapters\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 8 + 2 + 8  # two phases and two models, four N each
+    missing = [row for row in rows if row not in rendered]
+    assert not missing, missing[:3]
+
+
+def test_serving_memory_is_the_measured_memory():
+    """The adapter bytes computed from shapes equal, at the CPU-sized model, what the serving
+    suite measured on the loaded adapters, for every N and both implementations: what lets
+    the same arithmetic stand for Llama-3-8B. The committed table (CSV and JSON) is that arithmetic."""
+    from lori.bench import serving
+    from lori.bench.common import read_csv
+
+    measured = {(r["impl"], r["n_adapters"]): r["adapter_bytes"] for r in read_csv(RESULTS / "serving_cpu.csv")}
+    assert set(measured) == {(impl, n) for impl in ("lori", "peft") for n in serving.N_ADAPTERS}
+    for (impl, n), nbytes in measured.items():
+        assert serving.adapter_bytes(serving.MODEL, impl, n) == nbytes, (impl, n)
+
+    def bytes_of(table):
+        return [(r["model"], r["impl"], r["n_adapters"], r["adapter_bytes"]) for r in table]
+
+    computed = bytes_of(serving.memory_rows({}))
+    assert bytes_of(read_csv(RESULTS / "serving_memory_cpu.csv")) == computed
+    document = json.loads((RESULTS / "serving_cpu.json").read_text())
+    assert bytes_of(document["tables"]["serving_memory"]) == computed
+
+
+def test_serving_memory_counts_the_blocks_random_block_mask_keeps():
+    """The kept-block count of the arithmetic is ``random_block_mask``'s at every projection of
+    both models, whose shapes are Llama's (Llama-3-8B's as the other suites have them)."""
+    from lori.bench import common, serving
+    from lori_kernels import block_sparse
+
+    eight_b = serving.projections(serving.MEMORY_MODELS["Llama-3-8B"])
+    assert set(eight_b.values()) == set(common.LLAMA3_8B_PROJECTIONS)
+    g = torch.Generator().manual_seed(0)
+    for config in serving.MEMORY_MODELS.values():
+        for _, out in serving.projections(config).values():
+            mask = common.random_block_mask(out, serving.R, serving.BLOCK, serving.SPARSITY, g)
+            assert len(block_sparse.blocks_from_mask(mask, serving.BLOCK)) == common.kept_blocks(
+                out, serving.R, serving.BLOCK, serving.SPARSITY
+            ), out
+
+
+def test_committed_serving_memory_goal():
+    """issue 19: at Llama-3-8B's shapes, 64 LoRI-S adapters take less memory than 4 PEFT LoRA
+    adapters of the same rank and dtype (on the CPU-sized model they do not: its k and v are two
+    block rows tall, and one is kept)."""
+    from lori.bench.common import read_csv
+
+    table = read_csv(RESULTS / "serving_memory_cpu.csv")
+    table = {(r["model"], r["impl"], r["n_adapters"]): r["adapter_bytes"] for r in table}
+    assert table[("Llama-3-8B", "lori", 64)] < table[("Llama-3-8B", "peft", 4)]

@@ -177,10 +177,17 @@ def lori_backends(device: torch.device, dtype: torch.dtype | None, wanted: list[
     return runs
 
 
+def kept_blocks(out: int, r: int, block: tuple[int, int], sparsity: float) -> int:
+    """How many of B ``[out, r]``'s blocks ``random_block_mask`` keeps: ``1 - sparsity`` of
+    them, at least one."""
+    n_rows, n_cols = block_sparse.block_grid(out, r, block)
+    return max(1, round((1 - sparsity) * n_rows * n_cols))
+
+
 def random_block_mask(out: int, r: int, block: tuple[int, int], sparsity: float, generator) -> torch.Tensor:
     """A bool ``[out, r]`` mask keeping a random ``1 - sparsity`` of B's blocks (at least one)."""
     n_rows, n_cols = block_sparse.block_grid(out, r, block)
-    n_keep = max(1, round((1 - sparsity) * n_rows * n_cols))
+    n_keep = kept_blocks(out, r, block, sparsity)
     kept = torch.zeros(n_rows * n_cols, dtype=torch.bool)
     kept[torch.randperm(n_rows * n_cols, generator=generator)[:n_keep]] = True
     return kept.reshape(n_rows, n_cols).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:out]

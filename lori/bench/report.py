@@ -318,6 +318,79 @@ def interference_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+SERVING_IMPLS = {"lori": ("LoRI-S", "lori.adapter_batch"), "peft": ("PEFT LoRA", "adapter_names=")}
+
+
+def _phase_name(row: dict) -> str:
+    if row["phase"] == "prefill":
+        return f"prefill ({row['tokens_per_row']} tokens/row)"
+    return f"decode ({row['tokens_per_row']} token/row, KV cache)"
+
+
+def serving_markdown(rows: list[dict]) -> str:
+    """The ``serving`` table: per phase and number of adapters N, LoRI's and PEFT's whole forward
+    over the base model's, and their adapter paths (forward minus base), measured in one run."""
+    if not rows:
+        return ""
+    first = rows[0]
+    cell = {(r["phase"], r["n_adapters"], r["impl"]): r for r in rows}
+    intro = (
+        f"Serving (`lori bench --suite serving`, {first['device']}, commit {first['commit']}, {first['date']}): "
+        f"{first['rows']} rows with adapters drawn at random from N, r {first['r']}, {first['dtype']}; LoRI-S "
+        f"adapters over one seed (sparsity {first['sparsity']}, blocks {first['block']}) against PEFT LoRA's "
+        "`adapter_names=`; adapter path = forward minus the base model's forward, timed interleaved:\n"
+    )
+
+    def over_base(r: dict) -> str:
+        return f"{r['ms_forward'] / r['ms_base']:.2f} ({r['ms_forward']:.1f} / {r['ms_base']:.1f} ms)"
+
+    table = []
+    for phase in ("prefill", "decode"):
+        for i, n in enumerate(sorted({n for p, n, _ in cell if p == phase})):
+            lori, peft = cell[(phase, n, "lori")], cell[(phase, n, "peft")]
+            table.append(
+                [_phase_name(lori) if i == 0 else phase, n, over_base(lori), f"{lori['ms_adapter_path']:.1f}"]
+                + [over_base(peft), f"{peft['ms_adapter_path']:.1f}"]
+                + [f"{peft['ms_adapter_path'] / lori['ms_adapter_path']:.1f}x"]
+            )
+    header = ["phase", "N", "LoRI forward / base", "LoRI adapter path (ms)", "PEFT forward / base"]
+    return intro + "\n" + _table(header + ["PEFT adapter path (ms)", "PEFT / LoRI adapter path"], table)
+
+
+def _megabytes(n: int) -> str:
+    """Three significant digits, no exponent."""
+    return f"{n / 1e6:,.3g}" if n < 1e9 else f"{n / 1e6:,.0f}"
+
+
+def serving_memory_markdown(rows: list[dict]) -> str:
+    """The ``serving_memory`` table: the bytes of N LoRI-S and N PEFT LoRA adapters as loaded,
+    computed per model from its shapes, against each other and against 4 PEFT adapters."""
+    if not rows:
+        return ""
+    lori = [r for r in rows if r["impl"] == "lori"]
+    first = lori[0]
+    peft = {(r["model"], r["n_adapters"]): r["adapter_bytes"] for r in rows if r["impl"] == "peft"}
+    intro = (
+        f"Memory of the N adapters as loaded, computed from the shapes (at the CPU-sized model equal, byte for byte, "
+        f"to the `adapter_bytes` measured above), r {first['r']}, {first['dtype']}: LoRI-S keeps "
+        f"{1 - first['sparsity']:.0%} of each projection's blocks {first['block']} (rounded, at least one) and holds "
+        "their values, their indices (int32) and a seed (int64) per layer; PEFT LoRA holds A and B:\n"
+    )
+    table = []
+    for model in dict.fromkeys(r["model"] for r in lori):
+        for i, r in enumerate(r for r in lori if r["model"] == model):
+            same_n, fours = peft[(model, r["n_adapters"])], peft[(model, 4)]
+            kept = f"{r['kept_blocks']:,} of {r['blocks']:,} ({r['kept_blocks'] / r['blocks']:.1%})"
+            described = f"{model} ({r['hidden']} / {r['intermediate']}, {r['layers']} layers)"
+            table.append(
+                [described if i == 0 else "", kept if i == 0 else "", r["n_adapters"]]
+                + [_megabytes(r["adapter_bytes"]), _megabytes(same_n)]
+                + [f"{r['adapter_bytes'] / same_n:.3g}x", f"{r['adapter_bytes'] / fours:.3g}x"]
+            )
+    header = ["model (hidden / MLP)", "LoRI-S kept blocks", "N", "LoRI-S (MB)", "PEFT LoRA (MB)", "LoRI-S / PEFT"]
+    return intro + "\n" + _table(header + ["LoRI-S / 4 PEFT adapters"], table)
+
+
 ROOFLINE_PLANS = ("triton", "triton_epilogue", "cuda_ext", "reference", "proposed")
 
 
@@ -404,6 +477,8 @@ def markdown(results: Path = RESULTS) -> str:
             loss_memory_markdown(_load(results, "memory_loss", device)),
             storage_markdown(_load(results, "storage", device)),
             interference_markdown(_load(results, "interference", device)),
+            serving_markdown(_load(results, "serving", device)),
+            serving_memory_markdown(_load(results, "serving_memory", device)),
         ]
         parts = [p for p in parts if p]
         if not parts:
@@ -472,6 +547,50 @@ def interference_figure(rows: list[dict], label: str):
     ax2.set_title("the same, response loss", fontsize=9)
     where = f"{label}: {rows[0]['device']}, commit {rows[0]['commit']}, {rows[0]['date']}"
     fig.suptitle(f"Interference on toy tasks, {where}", fontsize=10)
+    return fig
+
+
+def serving_figure(rows: list[dict], memory: list[dict], label: str):
+    """The adapter path of prefill and of decode against the number of adapters N, LoRI's and
+    PEFT's; with ``memory`` (the ``serving_memory`` rows), the bytes of the N adapters per model
+    beside 4 PEFT adapters'. Titled with ``label`` (CPU or GPU) and the rows' own device and
+    commit (the suite runs apart from the others)."""
+    from matplotlib.figure import Figure
+
+    colours = {"lori": "C0", "peft": "C1"}
+    ns = sorted({r["n_adapters"] for r in rows + memory})
+    fig = Figure(figsize=(14 if memory else 10, 4.2))
+    axes = fig.subplots(1, 3 if memory else 2)
+    for ax, phase in zip(axes, ("prefill", "decode"), strict=False):
+        chosen = [r for r in rows if r["phase"] == phase]
+        for impl, (name, how) in SERVING_IMPLS.items():
+            line = sorted((r for r in chosen if r["impl"] == impl), key=lambda r: r["n_adapters"])
+            xs, ys = [r["n_adapters"] for r in line], [r["ms_adapter_path"] for r in line]
+            ax.plot(xs, ys, "o-", c=colours[impl], label=f"{name}, {how}")
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("adapter path: forward − base forward (ms)")
+        ax.set_title(_phase_name(chosen[0]), fontsize=9)
+        ax.legend(fontsize=7)
+    if memory:
+        ax = axes[2]
+        for model, style in zip(dict.fromkeys(r["model"] for r in memory), ("-", "--", ":"), strict=False):
+            for impl, (name, _) in SERVING_IMPLS.items():
+                line = [r for r in memory if (r["model"], r["impl"]) == (model, impl)]
+                xs, ys = [r["n_adapters"] for r in line], [r["adapter_bytes"] / 1e6 for r in line]
+                ax.plot(xs, ys, "o" + style, c=colours[impl], label=f"{name}, {model}")
+            fours = next(r for r in memory if (r["model"], r["impl"], r["n_adapters"]) == (model, "peft", 4))
+            ax.axhline(fours["adapter_bytes"] / 1e6, color="grey", lw=0.8, ls=style, label=f"4 PEFT adapters, {model}")
+        ax.set_yscale("log")
+        ax.set_ylim(top=max(r["adapter_bytes"] for r in memory) / 1e6 * 1e2)  # room above the lines for the legend
+        ax.set_ylabel("MB of the N adapters (log)")
+        ax.set_title(f"adapter memory, r {rows[0]['r']}, {rows[0]['dtype']} (computed)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("adapters in the batch, N")
+    where = f"{label}: {rows[0]['device']}, commit {rows[0]['commit']}, {rows[0]['date']}"
+    fig.suptitle(f"Serving N adapters in one batch of {rows[0]['rows']} rows, {where}", fontsize=10)
     return fig
 
 
@@ -574,6 +693,9 @@ def plots(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
         interference = _load(results, "interference", device)
         if interference:
             save(interference_figure(interference, label), f"interference_{device}")
+        serving = _load(results, "serving", device)
+        if serving:
+            save(serving_figure(serving, _load(results, "serving_memory", device), label), f"serving_{device}")
     return written
 
 

@@ -15,17 +15,24 @@ cache of 16 tokens) the whole forward is timed beside the same model with its ad
 in the same process, interleaved; their difference is the adapter path. ``adapter_bytes``:
 the memory of the N adapters' tensors (LoRI: seeds, kept blocks and their indices; PEFT: A and
 B). Rows: ``serving_<device>.csv``.
+
+``serving_memory_<device>.csv``: the same bytes computed from the shapes and the kept-block
+count, no model built, for this model and for Llama-3-8B's (32 layers), where the projections
+are tall enough for 90% of their blocks to be dropped (here k and v are 2 block rows, and one
+is kept).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import torch
 
-from lori.bench.common import environment, median_ms_each, random_block_mask, synced
+from lori.bench.common import LLAMA3_8B, environment, kept_blocks, median_ms_each, random_block_mask, synced
 from lori.config import DEFAULT_TARGET_MODULES
+from lori_kernels.block_sparse import block_grid
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ R, BLOCK, SPARSITY = 16, (32, 16), 0.9
 ROWS, PREFILL_TOKENS, CACHE_TOKENS = 64, 128, 16
 N_ADAPTERS = (1, 4, 16, 64)
 ROUNDS = 7  # interleaved timing rounds: a prefill is ~0.5 s on a CPU, one run per round
+MEMORY_MODELS = {"CPU-sized": MODEL, "Llama-3-8B": dict(LLAMA3_8B, num_hidden_layers=32)}
 
 
 def _base(device: torch.device):
@@ -108,6 +116,71 @@ def peft_model(n: int, device: torch.device):
     model.eval()
     adapter_bytes = sum(p.nbytes for name, p in model.named_parameters() if "lora_" in name)
     return model, adapter_bytes
+
+
+def projections(config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted projection of a Llama layer of ``config`` (its hidden and MLP
+    sizes, query and key/value heads)."""
+    hidden, mlp = config["hidden_size"], config["intermediate_size"]
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+    return dict(
+        q_proj=(hidden, hidden),
+        k_proj=(hidden, kv),
+        v_proj=(hidden, kv),
+        o_proj=(hidden, hidden),
+        gate_proj=(hidden, mlp),
+        up_proj=(hidden, mlp),
+        down_proj=(mlp, hidden),
+    )
+
+
+def adapter_bytes(config: dict, impl: str, n: int) -> int:
+    """Bytes of ``n`` adapters on every projection of a model of ``config``, as loaded, from the
+    shapes alone: ``lori`` per layer a seed (int64), its kept blocks' values (float32, whole
+    blocks) and indices (int32 ``[nnz, 2]``); ``peft`` A ``[R, in]`` and B ``[out, R]`` (float32)."""
+    bo, br = BLOCK
+    if impl == "lori":
+        per_layer = sum(
+            8 + kept_blocks(out, R, BLOCK, SPARSITY) * (bo * br * 4 + 2 * 4) for _, out in projections(config).values()
+        )
+    else:
+        per_layer = sum(R * (d_in + out) * 4 for d_in, out in projections(config).values())
+    return n * config["num_hidden_layers"] * per_layer
+
+
+def memory_rows(env: dict) -> list[dict]:
+    """The ``serving_memory`` rows: the bytes of N adapters of each implementation, computed
+    for each of ``MEMORY_MODELS``."""
+    rows = []
+    for model, config in MEMORY_MODELS.items():
+        layers, outs = config["num_hidden_layers"], [out for _, out in projections(config).values()]
+        blocks = {
+            "lori": dict(
+                block="x".join(map(str, BLOCK)),
+                sparsity=SPARSITY,
+                kept_blocks=layers * sum(kept_blocks(out, R, BLOCK, SPARSITY) for out in outs),
+                blocks=layers * sum(math.prod(block_grid(out, R, BLOCK)) for out in outs),
+            ),
+            "peft": dict(block="", sparsity=0.0, kept_blocks="", blocks=""),
+        }
+        for n in N_ADAPTERS:
+            for impl in ("lori", "peft"):
+                rows.append(
+                    dict(
+                        env,
+                        model=model,
+                        layers=layers,
+                        hidden=config["hidden_size"],
+                        intermediate=config["intermediate_size"],
+                        impl=impl,
+                        n_adapters=n,
+                        r=R,
+                        **blocks[impl],
+                        dtype="float32",
+                        adapter_bytes=adapter_bytes(config, impl, n),
+                    )
+                )
+    return rows
 
 
 def _inputs(device: torch.device, tokens: int, seed: int) -> torch.Tensor:
@@ -180,4 +253,4 @@ def run(device: torch.device, *, quick: bool = False, full: bool = False, backen
                     )
                 )
                 log.info("serving %s %s N=%d: adapter path %.3f ms", impl, phase, n, rows[-1]["ms_adapter_path"])
-    return {"serving": rows}
+    return {"serving": rows, "serving_memory": memory_rows(env)}
