@@ -132,6 +132,27 @@ def test_checkpoints_are_compact_and_resume_exactly(tmp_path, masked, dropout):
             assert torch.equal(layer.mask(), masks[name].to(layer.mask().device)), name
 
 
+def test_quantized_base_checkpoints_are_compact_and_resume_exactly(tmp_path):
+    """QLoRA-style: LoRI-S with dropout over an NF4 base (``lori.quantize_base``) under
+    ``LoRITrainer``: compact checkpoints, an exact resume, the adapter loads onto a new base."""
+    pytest.importorskip("torchao")
+    masks = lori_s_masks()
+
+    def qlora_model():
+        base = lori.quantize_base(tiny_model(), "nf4", group_size=32)
+        return lori.get_lori_model(base, LoRIConfig(r=8, block=(16, 4), seed=3, dropout=0.1), masks=masks)
+
+    whole = train(Recording, qlora_model(), tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / f"checkpoint-{SAVE_AT}"
+    assert_compact_checkpoint(checkpoint, whole.model)
+    resumed = train(Recording, qlora_model(), tmp_path / "resumed", resume=checkpoint)
+    assert resumed.losses == whole.losses[SAVE_AT:]
+    assert_same_b(b_values(resumed.model), b_values(whole.model))
+    whole.save_model()
+    restored = lori.load_lori(lori.quantize_base(tiny_model(), "nf4", group_size=32), tmp_path / "whole")
+    assert_same_b(b_values(restored), b_values(whole.model))
+
+
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     scores = iter([1.0, 0.0])  # the first checkpoint scores best, so the model goes back to it
     args = arguments(
