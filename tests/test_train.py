@@ -110,6 +110,7 @@ def test_fsdp2_on_two_processes_equals_one(world, tmp_path):
     [
         dict(),
         dict(dropout=0.2, grad_accum=2, batch_size=4, clip_mode="per_tensor", activation_checkpointing=True),
+        dict(quantize_base="nf4", dropout=0.1),
     ],
 )
 def test_resumed_run_continues_identically(world, tmp_path, changes):
@@ -134,6 +135,17 @@ def test_checkpoints_are_pruned_and_resume_checks_settings(world, tmp_path):
     assert state["step"] == 8 and len(state["losses"]) == 8
     with pytest.raises(ValueError, match=r"cannot resume .* settings changed \(\['lr'\]\)"):
         train(config(world, tmp_path / "run", save_every=2, max_steps=9, resume=True, lr=1e-3))
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_as_its_default(world, tmp_path):
+    """A checkpoint written before a resume setting existed resumes if the setting is at its
+    default, and names it if not."""
+    from lori.train.config import changed_resume_fields, resume_fields
+
+    older = resume_fields(config(world, tmp_path))
+    del older["quantize_base"]
+    assert changed_resume_fields(older, config(world, tmp_path)) == []
+    assert changed_resume_fields(older, config(world, tmp_path, quantize_base="nf4")) == ["quantize_base"]
 
 
 def test_cli_extract_masks_and_eval(world, tmp_path):
@@ -162,6 +174,15 @@ def test_cli_extract_masks_and_eval(world, tmp_path):
 def test_bad_training_settings_are_named(world, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         config(world, tmp_path, **changes)
+
+
+def test_quantized_base_trains(world, tmp_path):
+    """``quantize_base``: LoRI over an NF4 base (QLoRA-style) learns (its resume is in
+    test_resumed_run_continues_identically); a bad kind is named."""
+    result = train(config(world, tmp_path / "q", quantize_base="nf4", max_steps=8, lr=1e-2))
+    assert result["losses"][-1] < result["losses"][0]
+    with pytest.raises(ValueError, match="quantize_base must be one of"):
+        config(world, tmp_path, quantize_base="int3")
 
 
 def test_too_little_data_is_named(world, tmp_path):

@@ -18,7 +18,7 @@ from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError, OutputError
 from lori.files import check_output_dir, read_json, recover, remove_written, write_directory
 from lori.model import set_dropout_calls
-from lori.train.config import TrainConfig, resume_fields
+from lori.train.config import TrainConfig, changed_resume_fields, resume_fields
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ def load_checkpoint(model, optimizer, scheduler, cfg, world, path: Path) -> dict
             f"{path} was written by a run of {state['world_size']} processes; resume it with {state['world_size']} "
             f"(not {world.size}): the global batch and the dropout masks depend on it"
         )
-    if state["config"] != resume_fields(cfg):
-        changed = sorted(k for k in state["config"] if state["config"][k] != resume_fields(cfg).get(k))
+    changed = changed_resume_fields(state["config"], cfg)
+    if changed:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({changed})")
     load_lori(model, path)
     osd_state: dict[str, dict[str, torch.Tensor]] = {}

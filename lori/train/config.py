@@ -8,10 +8,11 @@ import math
 from dataclasses import dataclass, field
 
 from lori.config import LoRIConfig
+from lori.quantize import QUANTIZED_KINDS
 from lori.recipes import recipe
 from lori_kernels.backends import BACKENDS
 
-__all__ = ["LR_LORI_D", "LR_LORI_S", "TrainConfig", "resume_fields"]
+__all__ = ["LR_LORI_D", "LR_LORI_S", "TrainConfig", "changed_resume_fields", "resume_fields"]
 
 RESUME = {"resume": True}  # field metadata: must not change when a run resumes
 
@@ -72,6 +73,14 @@ class TrainConfig:
     clip_grad: float | None = field(default=1.0, metadata={"help": "Gradient-norm clip (None: off)."})
     clip_mode: str = field(default="global", metadata={"help": "'global' (one norm) or 'per_tensor'."})
     precision: str = field(default="auto", metadata={"help": "'fp32', 'bf16', or 'auto' (bf16 on GPU)."})
+    quantize_base: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Quantize the base's linear layers (not the output head) before adapting, QLoRA-style: one of "
+            f"{', '.join(QUANTIZED_KINDS)} (lori.quantize_base); one process only.",
+            **RESUME,
+        },
+    )
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers."})
     mesh: tuple[int, int] | None = field(
         default=None,
@@ -101,6 +110,7 @@ class TrainConfig:
         choices["precision"] = ("auto", "fp32", "bf16")
         choices["loss_normalization"] = ("token", "sequence")
         choices["backend"] = ("auto", *BACKENDS)
+        choices["quantize_base"] = (None, *QUANTIZED_KINDS)
         for name, allowed in choices.items():
             _require(self, name, lambda v, allowed=allowed: v in allowed, f"one of {allowed}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "keep_checkpoints", "log_every"):
@@ -157,3 +167,16 @@ def resume_fields(cfg: TrainConfig) -> dict:
     ``resume``), as JSON values."""
     d = dataclasses.asdict(cfg)
     return json.loads(json.dumps({f.name: d[f.name] for f in dataclasses.fields(cfg) if f.metadata.get("resume")}))
+
+
+def changed_resume_fields(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from ``saved`` (a checkpoint's ``resume_fields``); a
+    setting the checkpoint does not record (it was written before the setting existed) counts
+    as its default."""
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata.get("resume") and f.default is not dataclasses.MISSING
+    }
+    now, then = resume_fields(cfg), {**json.loads(json.dumps(defaults)), **saved}
+    return sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))

@@ -17,6 +17,7 @@ from lori.data import IGNORE_INDEX, collate, load_examples, tokenize_example
 from lori.errors import TrainingError
 from lori.masks import load_masks
 from lori.model import enable_activation_checkpointing, get_lori_model, print_trainable_parameters
+from lori.quantize import quantize_base
 from lori.train.checkpoint import ADAPTER_DIR, check_output, load_checkpoint, remove_checkpoint, save_checkpoint
 from lori.train.config import TrainConfig
 from lori.train.loss import response_loss_sum
@@ -138,6 +139,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     output = Path(cfg.output)
     _check_inputs(cfg)
+    if cfg.quantize_base is not None and world.size > 1:
+        raise ValueError(
+            f"quantize_base runs in one process; {world.size} processes would shard quantized weights with FSDP2, "
+            "which is not supported: train on one GPU, or leave the base unquantized"
+        )
     found = check_output(cfg, output)
     if cfg.overwrite_output and world.main:
         for old in found:
@@ -152,6 +158,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     masks = load_masks(cfg.masks) if cfg.masks else None
     if world.size == 1:
         model = load_model(cfg.model, dtype).to(world.device)
+        if cfg.quantize_base is not None:
+            quantize_base(model, cfg.quantize_base)
         frozen = _adapt(model, cfg, masks)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
