@@ -1,8 +1,12 @@
-// Shared by the CUDA kernels of the fused layer: launch shapes and the A tile generator.
+// Shared by the CUDA kernels of the fused layer: launch shapes, index clamping, the block-row
+// product of the expand kernels and the A tile generator.
 #pragma once
 
 #include <cstdint>
 
+#include <ATen/OpMathType.h>
+
+#include "layer_checks.h"
 #include "philox.h"
 
 namespace lori {
@@ -15,6 +19,32 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The first row (or column) of the tile of thread block `block` (a blockIdx component),
 // in int64: the unsigned 32-bit product blockIdx.x * kTile wraps at 2^32 rows.
 __device__ inline int64_t tile_start(unsigned int block) { return static_cast<int64_t>(block) * kTile; }
+
+// An entry of a block or segment index, clamped to [0, hi]: a wrong index cannot make a
+// kernel read outside the tensors it indexes.
+__device__ inline int64_t clamp_index(int32_t t, int64_t hi) { return t < 0 ? 0 : (t > hi ? hi : t); }
+
+// Output o of one block row of s * h @ B.T before scaling, for the row `h_row` of h: the sum
+// over the kept blocks [start, end) of the block row of h_row's block column j . B_k[o, :],
+// in the accumulation type (block columns out of range are skipped).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+__device__ inline acc_t block_row_dot(const scalar_t* __restrict__ h_row, const scalar_t* __restrict__ b_values,
+                                      const int32_t* __restrict__ b_blocks, int64_t start, int64_t end, int64_t o,
+                                      const BlockLayout& layout) {
+  acc_t acc = acc_t(0);
+  for (int64_t k = start; k < end; ++k) {
+    const int64_t j = b_blocks[2 * k + 1];
+    if (j < 0 || j >= layout.n_cols) {
+      continue;
+    }
+    const scalar_t* hb = h_row + j * layout.br;
+    const scalar_t* b = b_values + (k * layout.bo + o) * layout.br;
+    for (int64_t c = 0; c < layout.br; ++c) {
+      acc += static_cast<acc_t>(hb[c]) * static_cast<acc_t>(b[c]);
+    }
+  }
+  return acc;
+}
 
 // Fills as[jj][kk] = A[j0 + jj, k0 + kk] of A [r, d_in] (0 outside), rounded through the
 // compute dtype as every backend uses A. Thread t generates row t / 8, columns 4 (t % 8)

@@ -19,12 +19,6 @@
 namespace lori {
 namespace {
 
-// An entry of a block index, clamped to [0, nnz]: a wrong index cannot make a kernel read
-// outside b_blocks and b_values.
-__device__ inline int64_t clamp_block(int32_t t, const BlockLayout& layout) {
-  return t < 0 ? 0 : (t > layout.nnz ? layout.nnz : t);
-}
-
 template <typename scalar_t>
 __global__ void expand_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                               const scalar_t* __restrict__ b_values, const int32_t* __restrict__ b_blocks,
@@ -32,25 +26,14 @@ __global__ void expand_kernel(scalar_t* __restrict__ y, const scalar_t* __restri
                               BlockLayout layout, float scaling) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = blockIdx.y;
-  const int64_t start = clamp_block(row_ptr[i], layout), end = clamp_block(row_ptr[i + 1], layout);
+  const int64_t start = clamp_index(row_ptr[i], layout.nnz), end = clamp_index(row_ptr[i + 1], layout.nnz);
   const int64_t rows = out - i * layout.bo < layout.bo ? out - i * layout.bo : layout.bo;
   for (int64_t e = threadIdx.x; e < kTile * rows; e += blockDim.x) {
     const int64_t m = tile_start(blockIdx.x) + e / rows, o = e % rows;
     if (m >= M || start == end) {
       continue;
     }
-    acc_t acc = acc_t(0);
-    for (int64_t k = start; k < end; ++k) {
-      const int64_t j = b_blocks[2 * k + 1];
-      if (j < 0 || j >= layout.n_cols) {
-        continue;
-      }
-      const scalar_t* hb = h + m * r + j * layout.br;
-      const scalar_t* b = b_values + (k * layout.bo + o) * layout.br;
-      for (int64_t c = 0; c < layout.br; ++c) {
-        acc += static_cast<acc_t>(hb[c]) * static_cast<acc_t>(b[c]);
-      }
-    }
+    const acc_t acc = block_row_dot(h + m * r, b_values, b_blocks, start, end, o, layout);
     scalar_t& target = y[m * out + i * layout.bo + o];
     target = static_cast<scalar_t>(static_cast<acc_t>(target) + static_cast<acc_t>(scaling) * acc);
   }
@@ -65,7 +48,7 @@ __global__ void expand_backward_kernel(scalar_t* __restrict__ g, const scalar_t*
                                        int64_t r, BlockLayout layout, float scaling) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t j = blockIdx.y;
-  const int64_t start = clamp_block(col_ptr[j], layout), end = clamp_block(col_ptr[j + 1], layout);
+  const int64_t start = clamp_index(col_ptr[j], layout.nnz), end = clamp_index(col_ptr[j + 1], layout.nnz);
   for (int64_t e = threadIdx.x; e < kTile * layout.br; e += blockDim.x) {
     const int64_t m = tile_start(blockIdx.x) + e / layout.br, c = e % layout.br;
     if (m >= M) {

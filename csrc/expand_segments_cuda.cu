@@ -21,8 +21,6 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;  // the largest gridDim.y and gridDim.z
 
-__device__ inline int64_t clamp_to(int32_t t, int64_t hi) { return t < 0 ? 0 : (t > hi ? hi : t); }
-
 template <typename scalar_t>
 __global__ void expand_segments_kernel(scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                                        const int64_t* __restrict__ rows, const int32_t* __restrict__ seg_ptr,
@@ -32,8 +30,8 @@ __global__ void expand_segments_kernel(scalar_t* __restrict__ y, const scalar_t*
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = blockIdx.y, s = blockIdx.z;
   const int32_t* p = row_ptr + s * (layout.n_rows + 1);
-  const int64_t start = clamp_to(p[i], layout.nnz), end = clamp_to(p[i + 1], layout.nnz);
-  const int64_t m0 = clamp_to(seg_ptr[s], m_g) + tile_start(blockIdx.x), seg_end = clamp_to(seg_ptr[s + 1], m_g);
+  const int64_t start = clamp_index(p[i], layout.nnz), end = clamp_index(p[i + 1], layout.nnz);
+  const int64_t m0 = clamp_index(seg_ptr[s], m_g) + tile_start(blockIdx.x), seg_end = clamp_index(seg_ptr[s + 1], m_g);
   if (start >= end || m0 >= seg_end) {
     return;
   }
@@ -45,18 +43,7 @@ __global__ void expand_segments_kernel(scalar_t* __restrict__ y, const scalar_t*
     if (dest < 0 || dest >= M) {
       continue;
     }
-    acc_t acc = acc_t(0);
-    for (int64_t k = start; k < end; ++k) {
-      const int64_t j = b_blocks[2 * k + 1];
-      if (j < 0 || j >= layout.n_cols) {
-        continue;
-      }
-      const scalar_t* hb = h + m * r + j * layout.br;
-      const scalar_t* b = b_values + (k * layout.bo + o) * layout.br;
-      for (int64_t c = 0; c < layout.br; ++c) {
-        acc += static_cast<acc_t>(hb[c]) * static_cast<acc_t>(b[c]);
-      }
-    }
+    const acc_t acc = block_row_dot(h + m * r, b_values, b_blocks, start, end, o, layout);
     scalar_t& target = y[dest * out + i * layout.bo + o];
     target = static_cast<scalar_t>(static_cast<acc_t>(target) + scale * acc);
   }
