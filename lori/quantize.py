@@ -11,8 +11,8 @@ Kinds (weight-only: activations stay in the model's dtype; each runs on the CPU)
   int4 layouts need a GPU);
 - ``nf4``: torchao's ``NF4Tensor`` (QLoRA's 4-bit NormalFloat, two values per byte, blocks of
   ``group_size`` with double-quantized scales);
-- ``bnb_nf4``, ``bnb_int8``: bitsandbytes' ``Linear4bit`` (NF4) and ``Linear8bitLt`` (LLM.int8,
-  which also quantizes the activations).
+- ``bnb_nf4``, ``bnb_int8``: bitsandbytes' ``Linear4bit`` (NF4, blocks of ``group_size``) and ``Linear8bitLt``
+  (LLM.int8, which also quantizes the activations).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ QUANTIZED_KINDS = ("int8", "int4", "nf4", "bnb_nf4", "bnb_int8")
 
 def quantize_base(model: nn.Module, kind: str, *, group_size: int = 64) -> nn.Module:
     """Quantize every ``nn.Linear`` of ``model`` but its output head, in place, to ``kind``
-    (one of ``QUANTIZED_KINDS``; ``group_size``: the int4 groups and NF4 blocks along the
-    input). Layers already quantized, and LoRI's adapters, are left as they are. Returns
-    ``model``."""
+    (one of ``QUANTIZED_KINDS``; ``group_size``: the int4 groups and the NF4 blocks along
+    the input, torchao's and bitsandbytes'). Layers already quantized, and LoRI's adapters,
+    are left as they are. Returns ``model``."""
     if kind not in QUANTIZED_KINDS:
         raise ValueError(f"kind must be one of {QUANTIZED_KINDS}, got {kind!r}")
     head = _output_head(model)
@@ -46,12 +46,12 @@ def quantize_base(model: nn.Module, kind: str, *, group_size: int = 64) -> nn.Mo
         if type(module) is nn.Linear and module is not head and type(module.weight) is nn.Parameter
     ]
     for name, linear in targets:
-        if linear.in_features % group_size and kind in ("int4", "nf4"):
+        if linear.in_features % group_size and kind in ("int4", "nf4", "bnb_nf4"):
             raise ValueError(f"{name} has {linear.in_features} inputs, not a multiple of group_size {group_size}")
         linear.requires_grad_(False)
         if kind.startswith("bnb_"):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _bitsandbytes(linear, kind))
+            setattr(model.get_submodule(parent_name), child, _bitsandbytes(linear, kind, group_size))
         else:
             _torchao(linear, kind, group_size)
     log.info("quantized %d linear layers to %s", len(targets), kind)
@@ -71,7 +71,7 @@ def _torchao(linear: nn.Linear, kind: str, group_size: int) -> None:
     quantize_(linear, config, filter_fn=None)
 
 
-def _bitsandbytes(linear: nn.Linear, kind: str) -> nn.Linear:
+def _bitsandbytes(linear: nn.Linear, kind: str, group_size: int) -> nn.Linear:
     import bitsandbytes as bnb
 
     weight, device = linear.weight.detach(), linear.weight.device
@@ -80,7 +80,7 @@ def _bitsandbytes(linear: nn.Linear, kind: str) -> nn.Linear:
         layer = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias, compute_dtype=weight.dtype, quant_type="nf4"
         )
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=group_size)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
