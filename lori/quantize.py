@@ -45,9 +45,14 @@ def quantize_base(model: nn.Module, kind: str, *, group_size: int = 64) -> nn.Mo
         for name, module in model.named_modules()
         if type(module) is nn.Linear and module is not head and type(module.weight) is nn.Parameter
     ]
+    grouped = kind in ("int4", "nf4", "bnb_nf4")
+    misfit = next((name for name, linear in targets if grouped and linear.in_features % group_size), None)
+    if misfit is not None:  # before any layer changes
+        inputs = model.get_submodule(misfit).in_features
+        raise ValueError(
+            f"{misfit} has {inputs} inputs, not a multiple of group_size {group_size}; nothing was quantized"
+        )
     for name, linear in targets:
-        if linear.in_features % group_size and kind in ("int4", "nf4", "bnb_nf4"):
-            raise ValueError(f"{name} has {linear.in_features} inputs, not a multiple of group_size {group_size}")
         linear.requires_grad_(False)
         if kind.startswith("bnb_"):
             parent_name, _, child = name.rpartition(".")

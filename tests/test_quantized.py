@@ -213,10 +213,11 @@ def test_folding_into_a_quantized_base_is_refused(kind):
 def test_bad_kind_and_group_size_are_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
         quantize_base(tiny_llama(), "int3")
-    with pytest.raises(
-        ValueError, match="model.layers.0.self_attn.q_proj has 64 inputs, not a multiple of group_size 48"
-    ):
-        quantize_base(tiny_llama(), "nf4", group_size=48)
+    for kind in ("int4", "nf4", "bnb_nf4"):
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, "intermediate_size": 96}))
+        with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj has 96 inputs, not a multiple of group_size 64;"):
+            quantize_base(model, kind, group_size=64)
+        assert not any(is_quantized(m) for m in model.modules() if isinstance(m, torch.nn.Linear))  # not even q_proj
 
 
 def _outs(model) -> list[tuple[str, int]]:
