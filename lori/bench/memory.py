@@ -53,6 +53,7 @@ checks that at a small size).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import weakref
 
@@ -313,6 +314,10 @@ def quantized_rows(device: torch.device, env: dict, quick: bool) -> list[dict]:
     case = dataclasses.replace(model_case(device.type, quick), dtype=torch.bfloat16)
     rows = []
     for base in ("bfloat16", *lori.QUANTIZED_KINDS):
+        library = "bitsandbytes" if base.startswith("bnb_") else "torchao"
+        if base != "bfloat16" and importlib.util.find_spec(library) is None:
+            log.warning("%s is not installed: no %s row (pip install 'lori-kernels[quant]')", library, base)
+            continue
         row = model_row("lori_s", case, 0.0, device, quantized=None if base == "bfloat16" else base)
         rows.append({**env, **_case_columns(case), "base": base, **row})
         log.info(
