@@ -3,6 +3,7 @@ masks, ``lori train --plan`` per rank, and the plan's sharded sizes confirmed by
 itself at world size 64 under PyTorch's fake process group."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -196,3 +197,16 @@ def test_plan_against_a_real_two_process_run(tmp_path):
     assert plan.rows["AdamW state (fp32, sharded)"] == measured["AdamW state (fp32, sharded)"]
     hidden_grad = cfg.batch_size * cfg.max_length * config["hidden_size"] * 4  # the chunked loss saves it
     assert measured["saved"] == pytest.approx(plan.rows["activations"] + hidden_grad, rel=0.1)
+
+
+def test_plan_of_a_quantized_base_says_it_is_an_upper_bound(tmp_path, caplog):
+    """--quantize-base: the plan still counts the base in the compute dtype, and says so."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(llama3_config("8b")))
+    cfg = TrainConfig(
+        model=str(tmp_path / "model"), data="-", output="-", adapter=LoRIConfig(r=32), quantize_base="nf4"
+    )
+    with caplog.at_level(logging.WARNING, logger="lori.train.plan"):
+        plan = memory_plan(cfg, 1, gpu_memory=80)
+    assert plan.rows["frozen weights (sharded)"] > 15e9  # 8B parameters in bf16
+    assert "not quantized to nf4: an upper bound" in caplog.text

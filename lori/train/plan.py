@@ -30,6 +30,7 @@ FSDP2 itself at world size 64 under PyTorch's fake process group.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from lori.train.world import build_on_meta, decoder_layers
 __all__ = ["MemoryPlan", "memory_plan"]
 
 GIB = 2**30
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -154,6 +157,12 @@ def memory_plan(
     """The per-rank memory of running ``cfg`` on ``world_size`` ranks (HSDP when
     ``cfg.mesh`` is set), the base in ``compute_dtype`` (bf16: what a GPU run uses)."""
     replicate, shards = cfg.mesh or (1, world_size)
+    if cfg.quantize_base is not None:
+        log.warning(
+            "the plan counts the base's weights in %s, not quantized to %s: an upper bound",
+            str(compute_dtype).removeprefix("torch."),
+            cfg.quantize_base,
+        )
     if replicate * shards != world_size:
         raise ValueError(f"mesh {replicate}x{shards} needs {replicate * shards} ranks, not {world_size}")
     model = build_on_meta(cfg.model, compute_dtype)
