@@ -7,6 +7,8 @@
 #                                            # the GPU tests, then the Triton/kernel test files
 #   bash benchmarks/gpu_session.sh kernels   # lori bench --suite kernels on cuda
 #   bash benchmarks/gpu_session.sh memory    # lori bench --suite memory, then storage
+#   bash benchmarks/gpu_session.sh serving   # lori bench --suite serving on cuda (the Triton
+#                                            # segmented expand; PEFT rows if peft is installed)
 #   bash benchmarks/gpu_session.sh roofline  # after kernels: the roofline model's prediction beside
 #                                            # each measured fwd+bwd ratio (roofline_vs_measured_cuda.csv)
 #
@@ -17,9 +19,9 @@
 # --report-only). Set LORI_BENCH_COMMIT to the commit measured: the copied tree has no .git.
 set -uo pipefail
 case "${1:-}" in
-test | kernels | memory | roofline) ;;
+test | kernels | memory | serving | roofline) ;;
 *)
-    echo "usage: $0 test|kernels|memory|roofline" >&2
+    echo "usage: $0 test|kernels|memory|serving|roofline" >&2
     exit 2
     ;;
 esac
@@ -56,6 +58,9 @@ memory)
     for suite in memory storage; do
         $py -m lori.bench --device cuda --suite "$suite" --results "$out" 2>&1 | tee "$out/bench_$suite.log" | tail -30
     done
+    ;;
+serving)
+    $py -m lori.bench --device cuda --suite serving --results "$out" 2>&1 | tee "$out/bench_serving.log" | tail -30
     ;;
 roofline)
     $py -m lori.bench.roofline "$out" 2>&1 | tee "$out/roofline_vs_measured.log" | tail -60
