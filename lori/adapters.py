@@ -23,13 +23,17 @@ from lori.model import lori_layers, remove_lori
 
 log = logging.getLogger(__name__)
 
-__all__ = ["active_adapter", "add_adapter", "delete_adapter", "list_adapters", "set_adapter"]
+__all__ = ["active_adapter", "add_adapter", "adapted_layers", "delete_adapter", "list_adapters", "set_adapter"]
 
 
-def _layers(model: nn.Module) -> dict[str, LoRILinear]:
+def adapted_layers(model: nn.Module, unfolded: bool = False) -> dict[str, LoRILinear]:
+    """The model's LoRI layers (``lori_layers``); an error if it has none, or (``unfolded``) if
+    its adapter is folded into the base weights (``lori.merge_adapter``)."""
     layers = lori_layers(model)
     if not layers:
         raise ValueError("the model has no LoRI adapters")
+    if unfolded and any(layer.fold is not None for layer in layers.values()):
+        raise ValueError("the model's adapter is folded into its base weights; unmerge_adapter(model) first")
     return layers
 
 
@@ -42,7 +46,7 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str:
     """The name of the adapter that runs (PEFT's ``active_adapter``)."""
-    return next(iter(_layers(model).values())).active_adapter
+    return next(iter(adapted_layers(model).values())).active_adapter
 
 
 def _check_name(model: nn.Module, name: str) -> None:
@@ -66,7 +70,7 @@ def add_adapter(
     known to match (the caller's shape checks). It must adapt exactly the modules the loaded
     adapters adapt; its seed, r and block are its own. Every layer's adapter is built before
     the first is put in: on any error the model is as it was."""
-    existing = _layers(model)
+    existing = adapted_layers(model)
     if not isinstance(name, str) or not name:
         raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
     if name in list_adapters(model):
@@ -102,10 +106,8 @@ def add_adapter(
 def set_adapter(model: nn.Module, name: str) -> None:
     """Run adapter ``name`` (PEFT's ``set_adapter``). Refused while an adapter is folded into
     the base weights (``lori.merge_adapter``): ``unmerge_adapter`` first."""
-    layers = _layers(model)
+    layers = adapted_layers(model, unfolded=True)
     _check_name(model, name)
-    if any(layer.fold is not None for layer in layers.values()):
-        raise ValueError("the model's adapter is folded into its base weights; unmerge_adapter(model) first")
     for layer in layers.values():
         layer.active_adapter = name
 
@@ -116,10 +118,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapter moves the next one into its place (it becomes the model's ``lori_config`` and
     trains again, as a loaded adapter does); deleting the last one puts the base layers back
     (``lori.remove_lori``)."""
-    layers = _layers(model)
+    layers = adapted_layers(model, unfolded=True)
     _check_name(model, name)
-    if any(layer.fold is not None for layer in layers.values()):
-        raise ValueError("the model's adapter is folded into its base weights; unmerge_adapter(model) first")
     names = list_adapters(model)
     if len(names) == 1:
         remove_lori(model)

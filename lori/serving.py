@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 import lori_kernels
-from lori.adapters import list_adapters
+from lori.adapters import adapted_layers, list_adapters
 from lori.layer import LoRILinear, is_quantized
-from lori.model import lori_layers
 
 __all__ = ["adapter_batch"]
 
@@ -98,9 +97,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
     nothing may require grad (``lori_kernels.lori_linear_multi``). Each layer packs the named
     adapters once on entry (their B in the base dtype, concatenated per seed group); adapters
     loaded, deleted or changed inside the block are not seen."""
-    layers = lori_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRI adapters")
+    layers = adapted_layers(model, unfolded=True)
     if model.training:
         raise ValueError("adapter_batch is for inference: call model.eval() first")
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
@@ -109,8 +106,6 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
     unknown = sorted({n for n in names if n is not None and n not in loaded}, key=str)
     if unknown:
         raise ValueError(f"adapter_batch names adapters the model does not have: {unknown}; it has {loaded}")
-    if any(layer.fold is not None for layer in layers.values()):
-        raise ValueError("the model's adapter is folded into its base weights; unmerge_adapter(model) first")
     if any(layer.mixed_batch is not None for layer in layers.values()):
         raise RuntimeError("adapter_batch blocks of one model cannot be nested")
     used = list(dict.fromkeys(n for n in names if n is not None))
