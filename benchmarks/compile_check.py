@@ -79,7 +79,7 @@ class Variant:
 FACTORS = {
     "linear_shrink_backward": ("dtype", "r", "width", "dropout", "dist", "seeds"),
     "linear_expand": ("dtype", "r", "width", "bias"),
-    "shrink_backward_": ("dtype", "r", "width", "dropout", "dist", "seeds"),
+    "shrink_backward": ("dtype", "r", "width", "dropout", "dist", "seeds"),
     "shrink": ("dtype", "r", "width", "dropout", "dist", "seeds"),
     "expand_": ("dtype", "r", "width"),
     "expand_backward": ("dtype", "r", "width"),
@@ -154,8 +154,8 @@ def launch(launcher: str, v: Variant, processors: int) -> None:
     b_values, b_blocks = meta(nnz, *block), meta(nnz, 2, dtype=torch.int32)
     if launcher == "shrink":
         shrink.shrink(meta(m, width), seed, r, dist, p, seed)
-    elif launcher == "shrink_backward_":
-        shrink.shrink_backward_(meta(m, width), meta(m, r), seed, dist, p, seed)
+    elif launcher == "shrink_backward":
+        shrink.shrink_backward(meta(m, r), seed, width, dist, p, seed)
     elif launcher == "linear_shrink_backward":
         gemm.linear_shrink_backward(meta(m, width), meta(width, width), meta(m, r), seed, dist, p, seed)
     elif launcher == "expand_":

@@ -93,11 +93,11 @@ inline float check_shrink(const at::Tensor& x, int64_t r, double dropout_p) {
   return check_dropout("shrink", dropout_p);
 }
 
-// shrink_backward_(dx, g, seed, dist, dropout_p, ...): float32(dropout_p).
-inline float check_shrink_backward(const at::Tensor& dx, const at::Tensor& g, double dropout_p) {
-  check_matrix("shrink_backward_", "dx", dx);
-  check_beside("shrink_backward_", "g", g, "dx", dx);
-  return check_dropout("shrink_backward_", dropout_p);
+// shrink_backward(g, seed, d_in, dist, dropout_p, ...): float32(dropout_p).
+inline float check_shrink_backward(const at::Tensor& g, int64_t d_in, double dropout_p) {
+  check_matrix("shrink_backward", "g", g);
+  TORCH_CHECK(d_in > 0, "shrink_backward: d_in must be positive, got ", d_in);
+  return check_dropout("shrink_backward", dropout_p);
 }
 
 // An index of b_blocks (row_ptr, col_ptr, col_order): int32 [size], contiguous, on b_blocks'

@@ -23,10 +23,8 @@ TORCH_LIBRARY(lori, m) {
       "-> Tensor");
   // h = (x * D) @ A.T  [M, r]
   m.def("shrink(Tensor x, int seed, int r, str dist, float dropout_p, int dropout_seed) -> Tensor");
-  // dx += (g @ A) * D
-  m.def(
-      "shrink_backward_(Tensor(a!) dx, Tensor g, int seed, str dist, float dropout_p, "
-      "int dropout_seed) -> ()");
+  // (g @ A) * D  [M, d_in]: the adapter's part of dx (the fused layer adds dy @ W to it)
+  m.def("shrink_backward(Tensor g, int seed, int d_in, str dist, float dropout_p, int dropout_seed) -> Tensor");
   // y += scaling * h @ B.T over the kept blocks
   m.def(
       "expand_(Tensor(a!) y, Tensor h, Tensor b_values, Tensor b_blocks, Tensor row_ptr, float scaling) "
@@ -49,14 +47,14 @@ TORCH_LIBRARY(lori, m) {
 // The ops are kernels of the fused layer, which differentiates itself (lori_kernels/fused.py):
 // they have no derivatives, and backpropagating through one raises an error naming it.
 TORCH_LIBRARY_IMPL(lori, Autograd, m) {
-  for (const char* op : {"generate_a", "shrink", "shrink_backward_", "expand_", "expand_segments_", "expand_backward",
+  for (const char* op : {"generate_a", "shrink", "shrink_backward", "expand_", "expand_segments_", "expand_backward",
                          "sddmm"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }
 
 TORCH_LIBRARY_IMPL(lori, ADInplaceOrView, m) {
-  for (const char* op : {"shrink_backward_", "expand_", "expand_segments_"}) {
+  for (const char* op : {"expand_", "expand_segments_"}) {
     m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
   }
 }

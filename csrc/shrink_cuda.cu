@@ -1,7 +1,7 @@
 // The A side of the LoRI layer on CUDA, A generated tile by tile into shared memory (never
 // in global memory), the dropout mask regenerated where it is applied:
-//   shrink           h   = (x * D) @ A.T
-//   shrink_backward_ dx += (g @ A) * D
+//   shrink           h = (x * D) @ A.T
+//   shrink_backward  (g @ A) * D
 // Plain CUDA-core tiled GEMMs (32 x 32 tiles, fp32 accumulation for bf16/fp16).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -103,8 +103,7 @@ __global__ void shrink_backward_kernel(scalar_t* __restrict__ dx, const scalar_t
   for (int c = 0; c < 4; ++c) {
     const int64_t k = k0 + c0 + c;
     if (k < K) {
-      const acc_t add = keep[c] ? (rng.dropout ? acc[c] * rng.scale : acc[c]) : acc_t(0);
-      dx[m * K + k] = static_cast<scalar_t>(static_cast<acc_t>(dx[m * K + k]) + add);
+      dx[m * K + k] = static_cast<scalar_t>(keep[c] ? (rng.dropout ? acc[c] * rng.scale : acc[c]) : acc_t(0));
     }
   }
 }
@@ -127,27 +126,29 @@ at::Tensor shrink_cuda(const at::Tensor& x, int64_t seed, int64_t r, c10::string
   return h;
 }
 
-void shrink_backward_cuda(at::Tensor& dx, const at::Tensor& g, int64_t seed, c10::string_view dist,
-                          double dropout_p, int64_t dropout_seed) {
-  const float p32 = check_shrink_backward(dx, g, dropout_p);
-  const RngArgs rng = rng_args("shrink_backward_", seed, dx.size(1), dist, p32, dropout_seed);
-  if (dx.size(0) == 0) {
-    return;
+at::Tensor shrink_backward_cuda(const at::Tensor& g, int64_t seed, int64_t d_in, c10::string_view dist,
+                                double dropout_p, int64_t dropout_seed) {
+  const float p32 = check_shrink_backward(g, d_in, dropout_p);
+  const RngArgs rng = rng_args("shrink_backward", seed, d_in, dist, p32, dropout_seed);
+  const c10::cuda::CUDAGuard guard(g.device());
+  at::Tensor dx = at::empty({g.size(0), d_in}, g.options());
+  if (g.size(0) == 0) {
+    return dx;
   }
-  const c10::cuda::CUDAGuard guard(dx.device());
-  const dim3 grid(ceil_div(dx.size(0), kTile), ceil_div(dx.size(1), kTile));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "shrink_backward_cuda", [&] {
+  const dim3 grid(ceil_div(g.size(0), kTile), ceil_div(d_in, kTile));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "shrink_backward_cuda", [&] {
     shrink_backward_kernel<scalar_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        dx.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dx.size(0), dx.size(1), g.size(1), rng);
+        dx.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), g.size(0), d_in, g.size(1), rng);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lori, CUDA, m) {
   m.impl("shrink", &shrink_cuda);
-  m.impl("shrink_backward_", &shrink_backward_cuda);
+  m.impl("shrink_backward", &shrink_backward_cuda);
 }
 
 }  // namespace lori

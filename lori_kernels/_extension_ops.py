@@ -22,7 +22,7 @@ def _generate_a_fake(seed, d_in, row0, rows, col0, cols, dist):
 
 _fake = torch.library.register_fake
 _fake("lori::shrink")(lambda x, seed, r, dist, dropout_p, dropout_seed: x.new_empty(x.shape[0], r))
-_fake("lori::shrink_backward_")(lambda dx, g, seed, dist, dropout_p, dropout_seed: None)
+_fake("lori::shrink_backward")(lambda g, seed, d_in, dist, dropout_p, dropout_seed: g.new_empty(g.shape[0], d_in))
 _fake("lori::expand_")(lambda y, h, b_values, b_blocks, row_ptr, scaling: None)
 _fake("lori::expand_segments_")(lambda y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling: None)
 _fake("lori::expand_backward")(
@@ -54,7 +54,7 @@ def expand_backward(dy, b_values, b_blocks, r, scaling) -> torch.Tensor:
 _ops = torch.ops.lori
 KERNELS = LayerKernels(
     _ops.shrink,
-    _ops.shrink_backward_,
+    _ops.shrink_backward,
     expand_,
     expand_backward,
     _ops.sddmm,

@@ -35,13 +35,13 @@ class LayerKernels(NamedTuple):
     ``*_ref`` twin in plain torch in ``lori_kernels.reference``."""
 
     shrink: Callable  # (x, seed, r, dist, dropout_p, dropout_seed) -> h = (x * D) @ A.T [M, r]
-    shrink_backward_: Callable  # (dx, g, seed, dist, dropout_p, dropout_seed): dx += (g @ A) * D
+    shrink_backward: Callable  # (g, seed, d_in, dist, dropout_p, dropout_seed) -> (g @ A) * D [M, d_in]
     expand_: Callable  # (y, h, b_values, b_blocks, scaling): y += scaling * h @ B.T
     expand_backward: Callable  # (dy, b_values, b_blocks, r, scaling) -> g = scaling * dy @ B [M, r]
     sddmm: Callable  # (dy, h, b_blocks, bo, br, scaling) -> db_values = scaling * dy.T @ h [nnz, bo, br]
     generate_a: Callable  # (seed, d_in, row0, rows, col0, cols, *, dist, device) -> float32 A tile
-    # Optional GEMMs with the adapter in the epilogue (None: torch matmul, then expand_ /
-    # shrink_backward_ in place).
+    # Optional GEMMs with the adapter in the epilogue (None: torch's GEMMs, with expand_ after
+    # the forward one and shrink_backward's output as the backward one's accumulator).
     linear_expand: Callable | None = None  # (x, weight, bias, h, b_values, b_blocks, scaling) -> y
     linear_shrink_backward: Callable | None = None  # (dy, weight, g, seed, dist, dropout_p, dropout_seed) -> dx
     # Optional segmented expand of mixed-adapter batches (lori_linear_multi; None: expand_ per

@@ -6,15 +6,18 @@ custom ops ``lori_<backend>::forward`` and ``::backward`` with fake and autograd
               h = (x * D) @ A.T          shrink
               y += s * h @ B.T           expand_, in place over the kept blocks
     backward  g = s * dy @ B             expand_backward
-              dx = dy @ W                (torch matmul)
-              dx += (g @ A) * D          shrink_backward_, in place
+              dx = (g @ A) * D           shrink_backward
+              dx += dy @ W               (torch addmm_: the GEMM adds into dx, written once)
               db_values = s * dy.T @ h   sddmm, kept blocks only
 
-A kernel set may bring the two GEMMs with the adapter in their epilogues (``linear_expand``,
-``linear_shrink_backward``): each replaces a torch matmul and the in-place kernel after it.
-With a stored A (``a``) instead of a seed, the A side is plain torch (``reference.shrink_a_ref``
-and its backward), the B side the backend's kernels. Without a weight (the adapter alone,
-beside a quantized base layer's own linear) ``y`` and ``dx`` start from zeros.
+The backward GEMM takes the adapter's part of dx as its accumulator (cuBLAS reads it in its
+epilogue, under the GEMM's compute), so dx is written once by a kernel and once by the GEMM,
+not read back and written again after it. A kernel set may bring the two GEMMs with the adapter
+in their epilogues (``linear_expand``, ``linear_shrink_backward``): each replaces a torch GEMM
+and the kernel beside it. With a stored A (``a``) instead of a seed, the A side is plain torch
+(``reference.shrink_a_ref`` and its backward), the B side the backend's kernels. Without a
+weight (the adapter alone, beside a quantized base layer's own linear) ``y`` starts from zeros
+and ``dx`` is the adapter's part alone.
 
 Only ``h`` [M, r] is saved for backward (besides the frozen weight, B and a stored A: no
 activations); A and the dropout mask D are regenerated from their seeds, so
@@ -130,11 +133,12 @@ class FusedLayer:
             if a is None and weight is not None and kernels.linear_shrink_backward is not None:
                 dx = kernels.linear_shrink_backward(dy, weight, g, seed, dist, dropout_p, dropout_seed)
             else:
-                dx = dy.new_zeros(dy.shape[0], in_features) if weight is None else dy @ weight
                 if a is None:
-                    kernels.shrink_backward_(dx, g, seed, dist, dropout_p, dropout_seed)
+                    dx = kernels.shrink_backward(g, seed, in_features, dist, dropout_p, dropout_seed)
                 else:
-                    reference.shrink_a_backward_ref_(dx, g, a, dropout_p, dropout_seed)
+                    dx = reference.shrink_a_backward_ref(g, a, dropout_p, dropout_seed)
+                if weight is not None:
+                    dx.addmm_(dy, weight)
         if need_db:
             db_values = kernels.sddmm(dy, h, b_blocks, b_values.shape[1], b_values.shape[2], scaling)
         return dx, db_values

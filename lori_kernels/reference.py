@@ -1,7 +1,7 @@
 """The ``"reference"`` backend in plain torch: the twin every fast kernel is tested against.
 
 Its kernels mirror the fast backends' one for one (``*_ref`` twins of shrink,
-shrink_backward_, expand_, expand_backward, sddmm and generate_a: ``KERNELS``; and
+shrink_backward, expand_, expand_backward, sddmm and generate_a: ``KERNELS``; and
 ``expand_segments_ref_``, the twin of the segmented expand of mixed batches) and are
 composed by the same ``fused.FusedLayer`` as every backend's:
 
@@ -11,7 +11,7 @@ composed by the same ``fused.FusedLayer`` as every backend's:
     dB = s * dy.T @ h                       returned for the kept blocks only
 
 They run on any device and float dtype torch does, materialising A and a dense B per
-call, in the input's precision. ``shrink_a_ref`` and ``shrink_a_backward_ref_`` are the A
+call, in the input's precision. ``shrink_a_ref`` and ``shrink_a_backward_ref`` are the A
 side with A given: every backend runs a stored A (imported from PEFT, merged from
 different seeds) through them.
 """
@@ -44,10 +44,10 @@ def shrink_a_ref(x, a, dropout_p, dropout_seed):
     return xd @ a.t()
 
 
-def shrink_a_backward_ref_(dx, g, a, dropout_p, dropout_seed):
-    """``dx += (g @ a) * D`` in place, for a given A ``a`` [r, in]."""
+def shrink_a_backward_ref(g, a, dropout_p, dropout_seed):
+    """``(g @ a) * D`` [M, in] for a given A ``a`` [r, in]."""
     t = g @ a
-    dx.add_(t * _dropout_factor(dropout_p, dropout_seed, dx) if dropout_p > 0 else t)
+    return t.mul_(_dropout_factor(dropout_p, dropout_seed, t)) if dropout_p > 0 else t
 
 
 def shrink_ref(x, seed, r, dist, dropout_p, dropout_seed):
@@ -55,9 +55,9 @@ def shrink_ref(x, seed, r, dist, dropout_p, dropout_seed):
     return shrink_a_ref(x, _a(seed, r, x.shape[1], dist, x), dropout_p, dropout_seed)
 
 
-def shrink_backward_ref_(dx, g, seed, dist, dropout_p, dropout_seed):
-    """``dx += (g @ A) * D`` in place."""
-    shrink_a_backward_ref_(dx, g, _a(seed, g.shape[1], dx.shape[1], dist, dx), dropout_p, dropout_seed)
+def shrink_backward_ref(g, seed, d_in, dist, dropout_p, dropout_seed):
+    """``(g @ A) * D`` [M, d_in]."""
+    return shrink_a_backward_ref(g, _a(seed, g.shape[1], d_in, dist, g), dropout_p, dropout_seed)
 
 
 def expand_ref_(y, h, b_values, b_blocks, scaling):
@@ -101,7 +101,7 @@ def sddmm_ref(dy, h, b_blocks, bo, br, scaling):
 
 KERNELS = LayerKernels(
     shrink_ref,
-    shrink_backward_ref_,
+    shrink_backward_ref,
     expand_ref_,
     expand_backward_ref,
     sddmm_ref,

@@ -1,4 +1,4 @@
-"""The compiled layer ops (torch.ops.lori.shrink, shrink_backward_, expand_,
+"""The compiled layer ops (torch.ops.lori.shrink, shrink_backward, expand_,
 expand_backward, sddmm): exact RNG, math on odd shapes, and errors that name the argument.
 The expand ops are called through the extension's kernel set, which passes them the cached
 index of b_blocks. The composed layer is tested in test_fused_layer.py, every op's
@@ -35,20 +35,17 @@ def test_a_is_bit_exact_through_shrink_and_its_backward(ext, device, inp):
         a = rng.generate_a_tile(SEED, inp, 0, 8, 0, inp, dist=dist, device=device)
         h = ext.shrink(torch.eye(inp, device=device), SEED, 8, dist, 0.0, 0)
         assert_bitwise_equal(h.t().contiguous(), a)
-        dx = torch.zeros(8, inp, device=device)
-        ext.shrink_backward_(dx, torch.eye(8, device=device), SEED, dist, 0.0, 0)
-        assert_bitwise_equal(dx, a)
+        assert_bitwise_equal(ext.shrink_backward(torch.eye(8, device=device), SEED, inp, dist, 0.0, 0), a)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.7, 0.9])
 def test_dropout_mask_is_the_reference_mask(ext, device, p):
-    """Where the dropout mask drops, shrink_backward_ adds exactly zero; elsewhere g @ A
+    """Where the dropout mask drops, shrink_backward gives exactly zero; elsewhere g @ A
     times 1/(1-p), which is never zero here."""
     m, inp = 19, 41
     keep = rng.dropout_keep(DROPOUT_SEED, p, m, inp, device=device)
     g = torch.randn(m, 8, device=device)
-    dx = torch.zeros(m, inp, device=device)
-    ext.shrink_backward_(dx, g, SEED, "uniform", p, DROPOUT_SEED)
+    dx = ext.shrink_backward(g, SEED, inp, "uniform", p, DROPOUT_SEED)
     assert torch.equal(dx != 0, keep)
     a = rng.generate_a_tile(SEED, inp, 0, 8, 0, inp, device=device)
     torch.testing.assert_close(dx, (g @ a) * keep * rng.dropout_scale(p))
@@ -89,10 +86,12 @@ def bad_calls(ext):
         (lambda: ext.shrink(x, SEED, 0, "uniform", 0.0, 0), "shrink: r must be positive"),
         (lambda: ext.shrink(x, SEED, 8, "normal", 0.0, 0), "shrink: dist must be"),
         (lambda: ext.shrink(x, SEED, 8, "uniform", 1.0, 0), r"shrink: dropout_p must be in \[0, 1\)"),
-        (lambda: ext.shrink_backward_(x.clone(), h.double(), SEED, "uniform", 0.0, 0), "shrink_backward_: g has dtype"),
+        (lambda: ext.shrink_backward(h.t(), SEED, 8, "uniform", 0.0, 0), "shrink_backward: g must be contiguous"),
+        (lambda: ext.shrink_backward(h.int(), SEED, 8, "uniform", 0.0, 0), "shrink_backward: g must be a floating"),
+        (lambda: ext.shrink_backward(h, SEED, 0, "uniform", 0.0, 0), "shrink_backward: d_in must be positive"),
         (
-            lambda: ext.shrink_backward_(x.clone(), h[:3], SEED, "uniform", 0.0, 0),
-            "shrink_backward_: g has 3 rows but dx has 21",
+            lambda: ext.shrink_backward(h, SEED, 8, "uniform", -0.1, 0),
+            r"shrink_backward: dropout_p must be in \[0, 1\)",
         ),
         (lambda: kernels.expand_(dy.clone(), h, bv, bb.long(), 1.0), "expand_: b_blocks must be an int32"),
         (

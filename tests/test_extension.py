@@ -102,7 +102,7 @@ def test_built_with_cuda_where_a_toolkit_is_present(ext):
     toolkit = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     if torch.version.cuda is None or not shutil.which("nvcc", path=os.path.join(toolkit, "bin")):
         pytest.skip("no CUDA build of torch or no CUDA toolkit to compile with")
-    for op in ["generate_a", "shrink", "shrink_backward_", "expand_", "expand_segments_", "expand_backward", "sddmm"]:
+    for op in ["generate_a", "shrink", "shrink_backward", "expand_", "expand_segments_", "expand_backward", "sddmm"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lori::{op}", "CUDA"), op
 
 

@@ -99,7 +99,7 @@ def test_layer_takes_strided_weight_and_bias(backend, weight_layout):
 # and the tensor it adds into in place (None: it returns its result).
 SIGNATURES = {
     "shrink": (("x",), (SEED, R, "uniform", 0.25, DROPOUT_SEED), None),
-    "shrink_backward_": (("dx", "g"), (SEED, "rademacher", 0.25, DROPOUT_SEED), "dx"),
+    "shrink_backward": (("g",), (SEED, IN, "rademacher", 0.25, DROPOUT_SEED), None),
     "expand_": (("y", "h", "b_values", "b_blocks"), (1.5,), "y"),
     "expand_backward": (("dy", "b_values", "b_blocks"), (R, 1.5), None),
     "sddmm": (("dy", "h", "b_blocks"), (*BLOCK, 1.5), None),
@@ -112,7 +112,7 @@ def kernel_inputs(device, dtype=torch.float32):
     """Every tensor argument of the kernels, contiguous: M rows, a partial last block row."""
     layer = make_layer(OUT, IN, R, BLOCK, keep=0.5, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(3)
-    shapes = dict(x=(M, IN), dx=(M, IN), y=(M, OUT), dy=(M, OUT), h=(M, R), g=(M, R))
+    shapes = dict(x=(M, IN), y=(M, OUT), dy=(M, OUT), h=(M, R), g=(M, R))
     tensors = {name: torch.randn(shape, generator=g).to(dtype=dtype, device=device) for name, shape in shapes.items()}
     return dict(tensors, **{k: layer[k] for k in ("weight", "bias", "b_values", "b_blocks")})
 

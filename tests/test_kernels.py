@@ -32,7 +32,7 @@ SHAPES = {  # (M, in, out, r, block, dropout_p)
     "out_below_bo": (5, 24, 20, 8, (32, 8), 0.1),
 }
 # (backend, device, kernels of its set tested here): triton_epilogue shares triton's other kernels.
-LAYER_KERNELS = ("shrink", "shrink_backward_", "expand_", "expand_backward", "sddmm", "generate_a")
+LAYER_KERNELS = ("shrink", "shrink_backward", "expand_", "expand_backward", "sddmm", "generate_a")
 CASES = [
     ("triton", "cuda" if GPU else "cpu", LAYER_KERNELS),
     ("triton_epilogue", "cuda" if GPU else "cpu", ("linear_expand", "linear_shrink_backward")),
@@ -61,7 +61,6 @@ def inputs(shape: str, device: str) -> dict:
         g=rand(m, r),
         dy=rand(m, out),
         y=rand(m, out),
-        dx=rand(m, inp),
         weight=layer["weight"],
         bias=layer["bias"],
         b_values=layer["b_values"],
@@ -77,10 +76,8 @@ def linear_expand_ref(x, weight, bias, h, b_values, b_blocks, scaling):
 
 
 def linear_shrink_backward_ref(dy, weight, g, seed, dist, dropout_p, dropout_seed):
-    """The twin of the GEMM with ``shrink_backward_`` in its epilogue."""
-    dx = dy @ weight
-    reference.shrink_backward_ref_(dx, g, seed, dist, dropout_p, dropout_seed)
-    return dx
+    """The twin of the GEMM with ``shrink_backward`` in its epilogue."""
+    return reference.shrink_backward_ref(g, seed, weight.shape[1], dist, dropout_p, dropout_seed).addmm_(dy, weight)
 
 
 def run_kernel(kernels, kernel: str, t: dict, shape: str):
@@ -90,10 +87,8 @@ def run_kernel(kernels, kernel: str, t: dict, shape: str):
     dist = "rademacher" if shape == "in_odd_r32" else "uniform"
     if kernel == "shrink":
         return kernels.shrink(t["x"], SEED, r, dist, p, DROPOUT_SEED)
-    if kernel == "shrink_backward_":
-        dx = t["dx"].clone()
-        kernels.shrink_backward_(dx, t["g"], SEED, dist, p, DROPOUT_SEED)
-        return dx
+    if kernel == "shrink_backward":
+        return kernels.shrink_backward(t["g"], SEED, inp, dist, p, DROPOUT_SEED)
     if kernel == "expand_":
         y = t["y"].clone()
         kernels.expand_(y, t["h"], t["b_values"], t["b_blocks"], 1.5)
@@ -143,9 +138,9 @@ def test_kernels_match_their_twins(request, name, device, tested, dtype, shape):
 
 # Ops whose outputs come from inputs that may require grad, with no derivative: the layer's
 # backward refuses (DOUBLE_BACKWARD_ERROR), the extension's kernels are registered as such.
-NO_DERIVATIVE = ("backward", "shrink", "expand_backward", "sddmm")
+NO_DERIVATIVE = ("backward", "shrink", "shrink_backward", "expand_backward", "sddmm")
 NOT_DIFFERENTIABLE = "does not support double backward|is not implemented"
-EXT_OPS = ("generate_a", "shrink", "shrink_backward_", "expand_", "expand_segments_", "expand_backward", "sddmm")
+EXT_OPS = ("generate_a", "shrink", "shrink_backward", "expand_", "expand_segments_", "expand_backward", "sddmm")
 OPS = (
     ["lori_rng::dropout_seed"]
     + [f"lori_{name}::{op}" for name in backends.BACKENDS for op in ("forward", "backward")]
@@ -189,7 +184,7 @@ def op_args(op: str, device: str, requires_grad: bool) -> tuple:
     return {
         "generate_a": (torch.tensor(SEED, device=device), 10, 2, 3, 1, 9, "rademacher"),
         "shrink": (t["x"], SEED, 16, "uniform", 0.2, DROPOUT_SEED),
-        "shrink_backward_": (t["dx"], t["h"], SEED, "rademacher", 0.2, DROPOUT_SEED),
+        "shrink_backward": (t["h"], SEED, 40, "rademacher", 0.2, DROPOUT_SEED),
         "expand_": (t["y"], t["h"], t["b_values"], t["b_blocks"], index.row_ptr, 2.0),
         "expand_segments_": tuple(segmented_expand_args(device, torch.float32).values()),
         "expand_backward": (t["dy"], t["b_values"], t["b_blocks"], index.col_ptr, index.col_order, 16, 2.0),

@@ -322,19 +322,19 @@ def lora_paths(case: dict, backends: list[str]) -> dict:
 
 
 def kernel_lora_path(case: dict, backend: str):
-    """A backend's five kernels doing the adapter's forward + backward (into preallocated
-    outputs, as the fused layer does into the base GEMMs' results)."""
+    """A backend's five kernels doing the adapter's forward + backward (``expand_`` into a
+    preallocated ``y``, as the fused layer does into the base GEMM's result)."""
     shape = case["shape"]
     k = backend_kernels(backend)
     x, dy, bv, bb, r = case["x"].detach(), case["dy"], case["b_values"].detach(), case["b_blocks"], shape.r
-    y, dx = torch.zeros_like(dy), torch.zeros_like(x)
+    y = torch.zeros_like(dy)
     seed = lori_kernels.rng.to_int64(case["seed"])
 
     def step():
         h = k.shrink(x, seed, r, "uniform", 0.0, 0)
         k.expand_(y, h, bv, bb, SCALING)
         g = k.expand_backward(dy, bv, bb, r, SCALING)
-        k.shrink_backward_(dx, g, seed, "uniform", 0.0, 0)
+        k.shrink_backward(g, seed, x.shape[1], "uniform", 0.0, 0)
         k.sddmm(dy, h, bb, *shape.block, SCALING)
 
     return step

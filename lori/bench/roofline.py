@@ -6,7 +6,9 @@ fused layer launches in forward and backward (``PLANS``, checked against the cod
 integer (Philox) work and its launches; each kernel's time is the slowest of those at the
 device's datasheet peak times an efficiency, plus a launch cost per launch; the layer's is the
 sum over its plan, divided by the frozen base linear's forward + backward (cuBLAS ``x·Wᵀ + b``
-and ``dy·W``) on the same model. Every assumption is a named constant below.
+and ``dy·W``) on the same model. A cuBLAS GEMM that accumulates onto a tensor (``addmm``: the
+backward's ``dx += dy·W`` onto the adapter's part) reads it in its epilogue: counted in its
+bytes, which a compute-bound GEMM hides. Every assumption is a named constant below.
 
 Cases: Llama-3-8B and 70B projections, M 2k–32k tokens, r 16/32/64, block sparsity 0/0.9 (the
 default block ``(32, min(r, 32))``, kept blocks spread at random), dropout 0/0.05, bf16.
@@ -84,7 +86,7 @@ ramp and tail of a grid) with the CPU running ahead: 2-4 µs on an H100."""
 
 TRITON_ROWS_PER_PROGRAM = 128
 """Rows of x (or dy) per program of the Triton kernels that regenerate A (``shrink``,
-``shrink_backward_``, the GEMMs): A is regenerated once per such program. 128 is the largest
+``shrink_backward``, the GEMMs): A is regenerated once per such program. 128 is the largest
 of their autotuning tiles (the one the autotuner should pick at these sizes)."""
 
 EXTENSION_TILE = 32
@@ -101,14 +103,14 @@ TORCH_RNG_MASK_BYTES_PER_ELEMENT = 1108
 
 # What the fused layer launches (lori_kernels/fused.py composing a backend's LayerKernels, A from
 # its seed: a stored A runs the A side in plain torch), in order: a LayerKernels field, or
-# "linear" (torch's F.linear, cuBLAS) and "matmul" (dy @ W).
+# "linear" (torch's F.linear, cuBLAS), "matmul" (dy @ W) and "addmm" (dx += dy @ W, in place).
 # Every backend's kernels come from one implementation family ("triton", "extension",
 # "torch") whose costs are below. tests/test_roofline.py runs the fused layer of each backend
 # with its kernels wrapped and checks this table against what is called, and counts the
 # launches inside each kernel.
 _UNFUSED = {
     "forward": ("shrink", "linear", "expand_"),
-    "backward": ("expand_backward", "matmul", "shrink_backward_", "sddmm"),
+    "backward": ("expand_backward", "shrink_backward", "addmm", "sddmm"),
 }
 PLANS = {
     "triton": _UNFUSED,
@@ -261,6 +263,9 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
         return dataclasses.replace(gemm, bytes=gemm.bytes + e * n)  # and the bias
     if kernel == "matmul":
         return _gemm(c, m, n, k, "cublas")
+    if kernel == "addmm":
+        gemm = _gemm(c, m, n, k, "cublas")
+        return dataclasses.replace(gemm, bytes=gemm.bytes + e * m * k)  # and dx read in the epilogue
     if family == "torch":
         return _torch_work(kernel, c)
     dy_kept, block_flops = _kept_blocks(c)
@@ -268,7 +273,7 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
     small = e * (m * r + c.nnz * c.block[0] * c.block[1])  # h or g, and b_values
     if family == "extension":
         # CUDA cores; each 32-row tile regenerates A: shrink's (one program per 32 columns of r,
-        # each reading its rows of x) A[32 columns, all of in], shrink_backward_'s A[r, 32 columns].
+        # each reading its rows of x) A[32 columns, all of in], shrink_backward's A[r, 32 columns].
         row_tiles, r_tiles = -(-m // EXTENSION_TILE), -(-r // EXTENSION_TILE)
         shrink_programs_rows = row_tiles * r_tiles * EXTENSION_TILE
         works = {
@@ -277,8 +282,8 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
                 core_flops=2 * m * k * r,
                 int_ops=_rng(shrink_programs_rows * k * (1 + dropout)),
             ),
-            "shrink_backward_": Work(
-                bytes=e * (2 * m * k + m * r),
+            "shrink_backward": Work(
+                bytes=e * (m * k + m * r),
                 core_flops=2 * m * k * r,
                 int_ops=_rng(row_tiles * r * k + dropout * m * k),
             ),
@@ -302,8 +307,8 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
         "shrink": Work(
             bytes=e * (m * k + m * r), tensor_flops=2 * m * k * c.r_pad, int_ops=_rng(a_regenerated + dropout * m * k)
         ),
-        "shrink_backward_": Work(
-            bytes=e * (2 * m * k + m * r),
+        "shrink_backward": Work(
+            bytes=e * (m * k + m * r),
             tensor_flops=2 * m * k * c.r_pad,
             int_ops=_rng(a_regenerated + dropout * m * k),
         ),
@@ -352,7 +357,7 @@ def _torch_work(kernel: str, c: Case) -> Work:
     )  # keep mask, .to(dtype), * 1/(1-p), x * D (or (g @ A) * D)
     parts = {
         "shrink": [a, _gemm(c, m, k, r, "cublas")] + [mask] * (c.dropout > 0),
-        "shrink_backward_": [a, _gemm(c, m, r, k, "cublas"), Work(bytes=3 * e * m * k)] + [mask] * (c.dropout > 0),
+        "shrink_backward": [a, _gemm(c, m, r, k, "cublas")] + [mask] * (c.dropout > 0),
         "expand_": [scatter, _gemm(c, m, r, n, "cublas"), Work(bytes=2 * e * m * n), Work(bytes=3 * e * m * n)],
         "expand_backward": [scatter, _gemm(c, m, n, r, "cublas"), Work(bytes=2 * e * m * r)],
         # dy.T @ h dense, * scaling, gather_blocks (2 index casts, index)

@@ -1,7 +1,7 @@
 """Triton kernels of the fused LoRI layer, one file per family:
 
 - ``philox.py``: LoRI-RNG v1 in Triton (device functions) and the A-writing kernel,
-- ``shrink.py``: the A side, ``h = (x * D) @ A.T`` and ``dx += ((g @ A) * D)``,
+- ``shrink.py``: the A side, ``h = (x * D) @ A.T`` and the adapter's part of dx, ``(g @ A) * D``,
 - ``expand.py``: the B side over kept blocks, ``y += s * h @ B.T`` and ``g = s * dy @ B``,
 - ``expand_segments.py``: the B side of a mixed-adapter batch, one launch over many adapters,
 - ``sddmm.py``: ``db_values = s * dy.T @ h`` for kept blocks only,
@@ -22,7 +22,7 @@ from lori_kernels.triton_kernels import expand, expand_segments, gemm, philox, s
 
 KERNELS = LayerKernels(
     shrink.shrink,
-    shrink.shrink_backward_,
+    shrink.shrink_backward,
     expand.expand_,
     expand.expand_backward,
     sddmm.sddmm,

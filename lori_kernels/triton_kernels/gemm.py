@@ -4,10 +4,11 @@
     backward  dx = dy @ W + (g @ A) * D          linear_shrink_backward  (A, D regenerated)
 
 These make the ``"triton_epilogue"`` backend. The ``"triton"`` backend instead leaves the
-GEMMs to torch (cuBLAS) and adds the adapter in place afterwards (``expand_``,
-``shrink_backward_``), which reads and writes ``y`` (its kept block rows) and ``dx`` (all
-of it) once more. Which of the two is faster on a GPU is what ``lori bench`` measures:
-the fused epilogue saves that pass, cuBLAS may still beat Triton's main loop.
+GEMMs to torch (cuBLAS) with the adapter beside them: ``expand_`` reads and writes ``y``'s
+kept block rows once more after the forward GEMM, and ``shrink_backward`` writes the
+adapter's part of ``dx`` (all of it) once more, for the backward GEMM to accumulate onto.
+Which of the two is faster on a GPU is what ``lori bench`` measures: the fused epilogue
+saves those passes, cuBLAS may still beat Triton's main loop.
 
 ``interpreter_dot_is_right`` probes Triton's CPU interpreter with the smallest dot, for
 ``backends.triton_dtype_problem``.

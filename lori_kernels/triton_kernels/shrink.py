@@ -1,7 +1,7 @@
 """The A side of the LoRI layer, with A (and the dropout mask D) generated in registers:
 
-    forward   h   = (x * D) @ A.T        [M, r]   shrink
-    backward  dx += (g @ A) * D          [M, in]  shrink_backward_ (in place)
+    forward   h = (x * D) @ A.T        [M, r]   shrink
+    backward  (g @ A) * D              [M, in]  shrink_backward: the adapter's part of dx
 
 A ``[r, in]`` is never written to memory: each program regenerates the tiles it needs
 from the seed (LoRI-RNG v1, stream 0) and D from the dropout seed (stream 1).
@@ -136,8 +136,6 @@ def _shrink_backward_kernel(
     M,
     K,
     R,
-    stride_dm,
-    stride_dk,
     key0,
     key1,
     bound,
@@ -180,13 +178,11 @@ def _shrink_backward_kernel(
     rm = row0 + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_K)
     mask = (rm[:, None] < M) & (rk[None, :] < K)
-    ptrs = dx_ptr + tile_offsets(rm, rk, stride_dm, stride_dk)
-    dx = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, (dx.to(tl.float32) + out).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + tile_offsets(rm, rk, K, 1), out.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 _shrink = _autotuned(_shrink_kernel, "x_ptr")
-_shrink_backward = _autotuned(_shrink_backward_kernel, "g_ptr", restore_value=["dx_ptr"])
+_shrink_backward = _autotuned(_shrink_backward_kernel, "g_ptr")
 
 
 def rng_args(seed, d_in: int, dist: str, dropout_p: float, dropout_seed) -> dict:
@@ -232,25 +228,24 @@ def shrink(
     return h
 
 
-def shrink_backward_(
-    dx: torch.Tensor, g: torch.Tensor, seed, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
+def shrink_backward(
+    g: torch.Tensor, seed, d_in: int, dist: str = "uniform", dropout_p: float = 0.0, dropout_seed=0
 ) -> torch.Tensor:
-    """``dx += (g @ A) * D`` in place, for ``dx`` ``[M, in]`` (any strides) and ``g`` ``[M, r]``."""
-    check_dtype("shrink_backward_", dx)
-    m, k = dx.shape
-    r = g.shape[1]
+    """``(g @ A) * D`` ``[M, d_in]`` in g's dtype, for ``g`` ``[M, r]``: the adapter's part of
+    ``dx``, written once (the fused layer adds ``dy @ W`` to it in torch's GEMM)."""
+    check_dtype("shrink_backward", g)
+    m, r = g.shape
+    dx = torch.empty(m, d_in, dtype=g.dtype, device=g.device)
     if m == 0:
         return dx
     g = g.contiguous()
-    _shrink_backward[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))](
+    _shrink_backward[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(d_in, meta["BLOCK_K"]))](
         g,
         dx,
         m,
-        k,
+        d_in,
         r,
-        dx.stride(0),
-        dx.stride(1),
-        **rng_args(seed, k, dist, dropout_p, dropout_seed),
+        **rng_args(seed, d_in, dist, dropout_p, dropout_seed),
         R_PAD=tile(r),
         PRECISION=dot_precision(g.dtype),
     )
