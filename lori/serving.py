@@ -95,8 +95,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]):
 
     Inference only, like PEFT's ``adapter_names``: the model must be in eval mode, and
     nothing may require grad (``lori_kernels.lori_linear_multi``). Each layer packs the named
-    adapters once on entry (their B in the base dtype, concatenated per seed group); adapters
-    loaded, deleted or changed inside the block are not seen."""
+    adapters once on entry (their B in the base dtype, concatenated per seed group; on the CPU
+    also each seed group's A, r x in, from the first call on); adapters loaded, deleted or
+    changed inside the block are not seen."""
     layers = adapted_layers(model, unfolded=True)
     if model.training:
         raise ValueError("adapter_batch is for inference: call model.eval() first")

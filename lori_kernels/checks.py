@@ -23,6 +23,7 @@ __all__ = [
     "check_delta_weight_args",
     "check_lori_linear_args",
     "check_lori_linear_multi_args",
+    "check_row_adapters",
 ]
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -193,20 +194,22 @@ MULTI_GRAD_ERROR = (
 def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters, out_features):
     """``(adapters, row_adapters as a tuple of ints, tokens per row, out_features)`` of a
     ``lori_linear_multi`` call (arguments in its order), once they are right; ``adapters`` as
-    given (specs or packed)."""
+    given (specs or packed). A packed ``row_adapters`` tuple that has made a plan was checked
+    then (``PackedAdapters.planned``) and is not read again."""
     from lori_kernels.multi import AdapterSpec, PackedAdapters
 
     if weight is None or out_features is not None:
         out_features, in_features = _check_adapter_only(x, weight, bias, out_features, min_dims=2)
     else:
         out_features, in_features = _check_base(x, weight, bias, min_dims=2)
-    if isinstance(adapters, PackedAdapters):  # pack_adapters checked them: one dtype and device
+    packed = isinstance(adapters, PackedAdapters)
+    if packed:  # pack_adapters checked them: one dtype and device
         specs = adapters.adapters
         if adapters.out_features != out_features:
             raise ValueError(
                 f"the adapters were packed for {adapters.out_features} outputs, the weight has {out_features}"
             )
-        checked = [(k, spec) for k, spec in enumerate(specs) if spec.a is not None]
+        checked = [(k, specs[k]) for k in adapters.stored_a]
         _check_tensor("adapters[0].b_values", specs[0].b_values, x)
         requires_grad = adapters.requires_grad
     elif isinstance(adapters, (list, tuple)) and adapters:
@@ -239,10 +242,16 @@ def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters, out_fe
     rows = tuple(row_adapters)
     if len(rows) != x.shape[0]:
         raise ValueError(f"row_adapters has {len(rows)} entries but x has {x.shape[0]} rows (its first dimension)")
-    bad = [a for a in rows if not isinstance(a, int) or not -1 <= a < len(specs)]
+    tokens = math.prod(x.shape[1:-1]) if x.shape[0] else 0
+    if not (packed and adapters.planned(rows, tokens)):
+        check_row_adapters(rows, len(specs))
+    return adapters, rows, tokens, out_features
+
+
+def check_row_adapters(rows: tuple, n_adapters: int) -> None:
+    """Refuse ``rows`` unless each is an adapter index in ``[0, n_adapters)`` or -1 (the base)."""
+    bad = [a for a in rows if not isinstance(a, int) or not -1 <= a < n_adapters]
     if bad:
         raise ValueError(
-            f"row_adapters must hold adapter indices in [0, {len(specs)}) or -1 (the base), got {bad[0]!r}"
+            f"row_adapters must hold adapter indices in [0, {n_adapters}) or -1 (the base), got {bad[0]!r}"
         )
-    tokens = x[0].numel() // in_features if x.shape[0] else 0
-    return adapters, rows, tokens, out_features

@@ -14,9 +14,12 @@ expand adds ``scaling_s * h @ B_s.T`` into each segment's rows of ``y``:
 - ``pack_adapters``: adapters grouped, their B concatenated per expand (``PackedAdapters``),
   once for many calls;
 - ``RowPlan`` (``PackedAdapters.plan``): which rows each group and segment holds, computed on
-  the host from the rows' adapter indices and cached per batch layout;
+  the host from the rows' adapter indices (checked once, when the plan is made) and cached per
+  batch layout;
 - ``forward``: the composition over one backend's kernels (its ``expand_segments_``, or its
   ``expand_`` once per segment, ``reference.expand_per_segment_``, for kernel sets without one).
+  Where the backend's shrink multiplies by a generated A with torch's matmul (on the CPU), the
+  pack keeps each group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lori_kernels import reference, rng
 from lori_kernels.backends import LayerKernels
 from lori_kernels.block_index import block_index
 from lori_kernels.block_sparse import block_grid, check_b_blocks, check_b_layout, check_block
+from lori_kernels.checks import check_row_adapters
 
 __all__ = ["AdapterSpec", "PackedAdapters", "RowPlan", "Span", "forward", "pack_adapters"]
 
@@ -101,25 +105,50 @@ class RowPlan(NamedTuple):
 class PackedAdapters:
     """Adapters of a layer with ``out_features`` outputs, grouped for ``lori_linear_multi``
     (``pack_adapters``). Holds the adapters' B concatenated per expand set (a copy, except for
-    a set of one adapter) and the row plans of the batch layouts it has served."""
+    a set of one adapter), the row plans of the batch layouts it has served and, once a shrink
+    has used it, each seed group's A (``a``)."""
 
     def __init__(self, adapters: tuple[AdapterSpec, ...], out_features: int, groups: tuple[ShrinkGroup, ...]):
         self.adapters, self.out_features, self.groups = adapters, out_features, groups
         self.device = adapters[0].b_values.device
         self.requires_grad = any(spec.b_values.requires_grad for spec in adapters)  # lori_linear_multi refuses
-        self._plans: dict[tuple, RowPlan] = {}
+        self.stored_a = tuple(k for k, spec in enumerate(adapters) if spec.a is not None)  # their shape is checked
+        self._plans: dict[tuple, tuple[tuple[int, ...], RowPlan]] = {}  # layout -> (its checked rows, plan)
+        self._a: dict[tuple, torch.Tensor] = {}  # (group, in_features, dtype) -> its A
 
     def __len__(self) -> int:
         return len(self.adapters)
 
     def plan(self, row_adapters: tuple[int, ...], tokens_per_row: int) -> RowPlan:
         """The ``RowPlan`` of a batch whose row ``i`` (``tokens_per_row`` rows of the flattened
-        ``x``) runs adapter ``row_adapters[i]`` (-1: none); computed on the host, cached."""
+        ``x``) runs adapter ``row_adapters[i]`` (-1: none); computed on the host, cached.
+        ``row_adapters`` is checked when its plan is made (a refused one makes none)."""
         key = (row_adapters, tokens_per_row)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._make_plan(row_adapters, tokens_per_row)
-        return plan
+        made = self._plans.get(key)
+        if made is None:
+            check_row_adapters(row_adapters, len(self.adapters))
+            made = self._plans[key] = (row_adapters, self._make_plan(row_adapters, tokens_per_row))
+        return made[1]
+
+    def planned(self, row_adapters: tuple[int, ...], tokens_per_row: int) -> bool:
+        """Whether this very ``row_adapters`` tuple (not just an equal one: ``1.0 == 1``) made a
+        cached plan, so that it was checked then."""
+        made = self._plans.get((row_adapters, tokens_per_row))
+        return made is not None and made[0] is row_adapters
+
+    def a(self, g: int, in_features: int, dtype: torch.dtype, generate_a) -> torch.Tensor:
+        """Seed group ``g``'s A ``[r, in_features]`` in ``dtype`` on the pack's device: made by
+        ``generate_a`` (a kernel set's, bit-identical on every backend) on first use, then kept.
+        It cannot go stale: it follows from the group's seed, r and dist alone, fixed at packing.
+        One A per group and input width and dtype run (a layer runs one): r x in elements each,
+        16 KiB at r = 16 and in = 256 in float32, 128 KiB at in = 4096 in bfloat16."""
+        key = (g, in_features, dtype)
+        a = self._a.get(key)
+        if a is None:
+            group = self.groups[g]
+            tile = generate_a(group.seed, in_features, 0, group.r, 0, in_features, dist=group.dist, device=self.device)
+            a = self._a[key] = tile.to(dtype)
+        return a
 
     def _make_plan(self, row_adapters: tuple[int, ...], tokens_per_row: int) -> RowPlan:
         batch_rows = [[] for _ in self.adapters]
@@ -211,22 +240,35 @@ def forward(
     """``y`` [M, out_features] of a 2-D contiguous ``x`` [M, in]: the base for every row (none
     without a ``weight``), each row's adapter (``plan``) added over ``kernels``."""
     y = x.new_zeros(x.shape[0], out_features) if weight is None else torch.nn.functional.linear(x, weight, bias)
-    for group, (rows, spans) in zip(packed.groups, plan.groups, strict=True):
+    keep_a = _shrink_multiplies_generated_a(kernels, x.device)
+    for g, (group, (rows, spans)) in enumerate(zip(packed.groups, plan.groups, strict=True)):
         if rows.numel() == 0:
             continue
         x_g = x.index_select(0, rows)
-        if group.a is None:
-            h = kernels.shrink(x_g, group.seed, group.r, group.dist, 0.0, 0)
-        else:
+        if group.a is not None:
             h = reference.shrink_a_ref(x_g, group.a, 0.0, 0)
+        elif keep_a:
+            h = reference.shrink_a_ref(x_g, packed.a(g, x.shape[1], x.dtype, kernels.generate_a), 0.0, 0)
+        else:
+            h = kernels.shrink(x_g, group.seed, group.r, group.dist, 0.0, 0)
         for s, span in zip(group.sets, spans, strict=True):
             if span.end == span.start:
                 continue
             part = slice(span.start, span.end)
+            h_s, rows_s = (h, rows) if len(spans) == 1 else (h[part], rows[part])  # one set: the group's rows
             if kernels.expand_segments_ is None:
-                reference.expand_per_segment_(y, h[part], rows[part], span.counts, s.parts, expand_=kernels.expand_)
+                reference.expand_per_segment_(y, h_s, rows_s, span.counts, s.parts, expand_=kernels.expand_)
             else:
                 kernels.expand_segments_(
-                    y, h[part], rows[part], span.seg_ptr, span.longest, s.b_values, s.b_blocks, s.row_ptr, s.scaling
+                    y, h_s, rows_s, span.seg_ptr, span.longest, s.b_values, s.b_blocks, s.row_ptr, s.scaling
                 )
     return y
+
+
+def _shrink_multiplies_generated_a(kernels: LayerKernels, device: torch.device) -> bool:
+    """Whether ``kernels.shrink`` on ``device`` is ``generate_a`` then torch's matmul (the reference
+    twin's anywhere; the extension's on the CPU, ``csrc/shrink_cpu.cpp``), so that the pack's kept
+    A gives the same ``h`` bit for bit. The Triton and CUDA shrinks generate A in registers."""
+    return kernels.shrink is reference.shrink_ref or (
+        device.type == "cpu" and kernels.shrink is getattr(torch.ops.lori, "shrink", None)
+    )

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_error_earned, make_layer
 
 import lori_kernels
-from lori_kernels import AdapterSpec, backends, multi, reference
+from lori_kernels import AdapterSpec, backends, checks, multi, reference
 
 OUT, IN = 40, 24  # 40 rows of B: a partial last block row with bo = 16 or 32
 SEED = 2**64 - 7
@@ -116,6 +116,43 @@ def test_one_shrink_per_seed_group(monkeypatch):
     assert calls == [6, 1]  # rows of adapters 0, 1, 2 and 4 in one shrink; adapter 3's in another
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "cpu_ext"])
+def test_kept_a_gives_the_backends_shrink_bit_for_bit(backend, dtype):
+    """Where the shrink is generate_a then torch's matmul, the pack keeps each seed group's A
+    from the first call on, and ``y`` is the one the backend's own shrink gives, bit for bit."""
+    backend_or_skip(backend)
+    weight, bias = base(dtype)
+    packed = lori_kernels.pack_adapters(adapters(dtype), OUT)
+    x = torch.randn(9, 2, IN, generator=torch.Generator().manual_seed(5)).to(dtype)
+    rows = (0, 1, 2, 3, 4, 0, 1, -1, 3)
+    kernels = backends.kernels(backend)
+    own_shrink = kernels._replace(shrink=lambda *args: kernels.shrink(*args))  # not known to keep A
+    want = multi.forward(own_shrink, x.reshape(-1, IN), weight, bias, OUT, packed, packed.plan(rows, 2))
+    assert not packed._a
+    for _ in range(2):
+        got = lori_kernels.lori_linear_multi(x, weight, bias, rows, packed, backend=backend)
+        assert torch.equal(got.reshape(-1, OUT), want)
+    assert [tuple(a.shape) for a in packed._a.values()] == [(16, IN), (8, IN)]  # one per seed group
+    assert all(a.dtype == dtype for a in packed._a.values())
+
+
+def test_kept_a_generated_once_per_group():
+    weight, bias = base()
+    packed = lori_kernels.pack_adapters(adapters(), OUT)
+    calls = []
+
+    def generate_a(seed, *args, **kwargs):
+        calls.append(seed)
+        return reference.KERNELS.generate_a(seed, *args, **kwargs)
+
+    kernels = reference.KERNELS._replace(generate_a=generate_a)
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(6))
+    for rows in ((0, 1, 2, 3, 4, 0, 1, -1), (3, 3, 0, -1, -1, 2, 2, 1), (0, 1, 2, 3, 4, 0, 1, -1)):
+        multi.forward(kernels, x, weight, bias, OUT, packed, packed.plan(rows, 1))
+    assert calls == [group.seed for group in packed.groups]
+
+
 def segmented_expand_args(device, dtype) -> dict:
     """Arguments of ``expand_segments_`` in its order (test_kernels.py opchecks it with them)
     over four segments of adapters 0, 1, 4 and 0 again: 15, 0 (empty), 12 (adapter 4 keeps no
@@ -209,3 +246,26 @@ def test_refusals():
         lori_kernels.lori_linear_multi(x, weight[:8], bias[:8], [0, 1, -1], lori_kernels.pack_adapters(specs, OUT))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         lori_kernels.lori_linear_multi(x[0], weight, bias, [0], specs)
+
+
+def test_row_adapters_checked_once_per_plan(monkeypatch):
+    """A packed call reads ``row_adapters`` only until the tuple has made a plan; a refused one
+    makes none (refused again), and an equal tuple of other values (``1.0 == 1``) is read again."""
+    calls = []
+    check = checks.check_row_adapters
+    monkeypatch.setattr(checks, "check_row_adapters", lambda rows, n: calls.append(rows) or check(rows, n))
+    weight, bias = base()
+    packed = lori_kernels.pack_adapters(adapters(kinds=KINDS[:2]), OUT)
+    x = torch.randn(3, IN)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"adapter indices in \[0, 2\) or -1 \(the base\), got 2"):
+            lori_kernels.lori_linear_multi(x, weight, bias, (0, 2, -1), packed)
+    assert not packed._plans
+    good = (0, 1, -1)
+    for _ in range(3):
+        lori_kernels.lori_linear_multi(x, weight, bias, good, packed)
+    assert calls == [(0, 2, -1), (0, 2, -1), good]
+    with pytest.raises(ValueError, match=r"got 1\.0"):
+        lori_kernels.lori_linear_multi(x, weight, bias, (0, 1.0, -1), packed)
+    with pytest.raises(ValueError, match=r"got -2"):
+        packed.plan((0, -2, -1), 1)  # a plan made directly checks its rows too
