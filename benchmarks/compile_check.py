@@ -78,6 +78,7 @@ class Variant:
 # Each launcher: the factors of Variant it takes (the longest sweeps first).
 FACTORS = {
     "linear_shrink_backward": ("dtype", "r", "width", "dropout", "dist", "seeds"),
+    "linear_shrink": ("dtype", "r", "width", "dropout", "bias", "dist", "seeds"),
     "linear_expand": ("dtype", "r", "width", "bias"),
     "shrink_backward": ("dtype", "r", "width", "dropout", "dist", "seeds"),
     "shrink": ("dtype", "r", "width", "dropout", "dist", "seeds"),
@@ -182,6 +183,9 @@ def launch(launcher: str, v: Variant, processors: int) -> None:
             sddmm.sddmm(meta(m, width), meta(m, r), b_blocks, *block, 2.0)
         finally:
             sddmm.processor_count = saved
+    elif launcher == "linear_shrink":
+        bias = meta(width) if v.bias == "yes" else None
+        gemm.linear_shrink(meta(m, width), meta(width, width), bias, seed, r, dist, p, seed)
     elif launcher == "linear_expand":
         bias = meta(width) if v.bias == "yes" else None
         gemm.linear_expand(meta(m, width), meta(width, width), bias, meta(m, r), b_values, b_blocks, 2.0)

@@ -44,6 +44,9 @@ class LayerKernels(NamedTuple):
     # the forward one and shrink_backward's output as the backward one's accumulator).
     linear_expand: Callable | None = None  # (x, weight, bias, h, b_values, b_blocks, scaling) -> y
     linear_shrink_backward: Callable | None = None  # (dy, weight, g, seed, dist, dropout_p, dropout_seed) -> dx
+    # Optional forward GEMM that computes h from the x tiles it reads (None: shrink, then the GEMM):
+    # (x, weight, bias, seed, r, dist, dropout_p, dropout_seed) -> (y = x @ W.T + b, h = (x * D) @ A.T)
+    linear_shrink: Callable | None = None
     # Optional segmented expand of mixed-adapter batches (lori_linear_multi; None: expand_ per
     # segment, reference.expand_segments_ref_):
     # (y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling): y[rows[i]] += scaling[s] * h[i] @ B_s.T

@@ -12,9 +12,10 @@ custom ops ``lori_<backend>::forward`` and ``::backward`` with fake and autograd
 
 The backward GEMM takes the adapter's part of dx as its accumulator (cuBLAS reads it in its
 epilogue, under the GEMM's compute), so dx is written once by a kernel and once by the GEMM,
-not read back and written again after it. A kernel set may bring the two GEMMs with the adapter
-in their epilogues (``linear_expand``, ``linear_shrink_backward``): each replaces a torch GEMM
-and the kernel beside it. With a stored A (``a``) instead of a seed, the A side is plain torch
+not read back and written again after it. A kernel set may bring the GEMMs with the adapter inside
+(``linear_expand``, ``linear_shrink_backward``: each replaces a torch GEMM and the kernel
+beside it; ``linear_shrink`` replaces the forward GEMM and ``shrink`` where B is sparse enough,
+``reads_x_once``). With a stored A (``a``) instead of a seed, the A side is plain torch
 (``reference.shrink_a_ref`` and its backward), the B side the backend's kernels. Without a
 weight (the adapter alone, beside a quantized base layer's own linear) ``y`` starts from zeros
 and ``dx`` is the adapter's part alone.
@@ -57,6 +58,14 @@ _BACKWARD_SCHEMA = (
 )
 
 
+def reads_x_once(in_features: int, out_features: int, nnz: int, bo: int) -> bool:
+    """Whether a kernel set's ``linear_shrink`` then ``expand_`` moves fewer bytes than
+    ``shrink`` then ``linear_expand``: y's kept block rows (at most ``nnz * bo`` of
+    ``out_features``), read and written by ``expand_``, against x, read again by ``shrink``
+    (``in_features`` per row). From shapes alone: no look at ``b_blocks``, no host sync."""
+    return 2 * min(out_features, nnz * bo) < in_features
+
+
 class FusedLayer:
     """The fused layer over one backend's kernels (``load_kernels()``, called on its first
     run), registered as ``<namespace>::forward`` and ``::backward``. Calling it runs the layer
@@ -94,6 +103,11 @@ class FusedLayer:
         """``(y, h)`` for a 2-D contiguous ``x`` [M, in]; without a ``weight``, the adapter's
         part alone (``y`` starts from zeros)."""
         kernels, dropout_seed = self.kernels, int(dropout_seed)
+        sparse = reads_x_once(x.shape[1], out_features, *b_values.shape[:2])
+        if a is None and weight is not None and kernels.linear_shrink is not None and sparse:
+            y, h = kernels.linear_shrink(x, weight, bias, seed, r, dist, dropout_p, dropout_seed)
+            kernels.expand_(y, h, b_values, b_blocks, scaling)
+            return y, h
         if a is None:
             h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
         else:

@@ -76,6 +76,8 @@ SHAPES = [  # (leading dims of x, in, out, r, block, fraction of blocks kept)
     ((9,), 20, 30, 4, (1, 1), 0.5),  # element mask
     ((19,), 32, 64, 16, (32, 16), 0.0),  # sparsity 1.0: every block dropped
     ((33,), 36, 256, 32, (16, 16), 0.1),  # sparsity 0.9 over many blocks
+    ((21,), 72, 64, 16, (16, 8), 0.25),  # kept rows under half of in: triton_epilogue's linear_shrink
+    ((2, 7), 75, 40, 8, (8, 4), 0.2),  # the same with in % 4 != 0
 ]
 
 

@@ -104,6 +104,7 @@ SIGNATURES = {
     "expand_backward": (("dy", "b_values", "b_blocks"), (R, 1.5), None),
     "sddmm": (("dy", "h", "b_blocks"), (*BLOCK, 1.5), None),
     "linear_expand": (("x", "weight", "bias", "h", "b_values", "b_blocks"), (1.5,), None),
+    "linear_shrink": (("x", "weight", "bias"), (SEED, R, "uniform", 0.25, DROPOUT_SEED), None),
     "linear_shrink_backward": (("dy", "weight", "g"), (SEED, "uniform", 0.25, DROPOUT_SEED), None),
 }
 

@@ -35,7 +35,7 @@ SHAPES = {  # (M, in, out, r, block, dropout_p)
 LAYER_KERNELS = ("shrink", "shrink_backward", "expand_", "expand_backward", "sddmm", "generate_a")
 CASES = [
     ("triton", "cuda" if GPU else "cpu", LAYER_KERNELS),
-    ("triton_epilogue", "cuda" if GPU else "cpu", ("linear_expand", "linear_shrink_backward")),
+    ("triton_epilogue", "cuda" if GPU else "cpu", ("linear_expand", "linear_shrink", "linear_shrink_backward")),
     ("cpu_ext", "cpu", LAYER_KERNELS),
     pytest.param("cuda_ext", "cuda", LAYER_KERNELS, marks=pytest.mark.gpu),
 ]
@@ -75,6 +75,11 @@ def linear_expand_ref(x, weight, bias, h, b_values, b_blocks, scaling):
     return y
 
 
+def linear_shrink_ref(x, weight, bias, seed, r, dist, dropout_p, dropout_seed):
+    """The twin of the GEMM that computes ``h`` from the x tiles it reads."""
+    return torch.nn.functional.linear(x, weight, bias), reference.shrink_ref(x, seed, r, dist, dropout_p, dropout_seed)
+
+
 def linear_shrink_backward_ref(dy, weight, g, seed, dist, dropout_p, dropout_seed):
     """The twin of the GEMM with ``shrink_backward`` in its epilogue."""
     return reference.shrink_backward_ref(g, seed, weight.shape[1], dist, dropout_p, dropout_seed).addmm_(dy, weight)
@@ -82,7 +87,7 @@ def linear_shrink_backward_ref(dy, weight, g, seed, dist, dropout_p, dropout_see
 
 def run_kernel(kernels, kernel: str, t: dict, shape: str):
     """What ``kernel`` of a kernel set computes on the tensors ``t`` (an in-place kernel:
-    the tensor it adds into, a copy of the input's)."""
+    the tensor it adds into, a copy of the input's; ``linear_shrink``: y and h side by side)."""
     m, inp, out, r, (bo, br), p = SHAPES[shape]
     dist = "rademacher" if shape == "in_odd_r32" else "uniform"
     if kernel == "shrink":
@@ -97,13 +102,15 @@ def run_kernel(kernels, kernel: str, t: dict, shape: str):
         return kernels.expand_backward(t["dy"], t["b_values"], t["b_blocks"], r, 1.5)
     if kernel == "sddmm":
         return kernels.sddmm(t["dy"], t["h"], t["b_blocks"], bo, br, 1.5)
+    if kernel == "linear_shrink":
+        return torch.cat(kernels.linear_shrink(t["x"], t["weight"], t["bias"], SEED, r, dist, p, DROPOUT_SEED), 1)
     if kernel == "linear_expand":
         return kernels.linear_expand(t["x"], t["weight"], t["bias"], t["h"], t["b_values"], t["b_blocks"], 1.5)
     return kernels.linear_shrink_backward(t["dy"], t["weight"], t["g"], SEED, dist, p, DROPOUT_SEED)
 
 
 REFERENCE = reference.KERNELS._replace(
-    linear_expand=linear_expand_ref, linear_shrink_backward=linear_shrink_backward_ref
+    linear_expand=linear_expand_ref, linear_shrink_backward=linear_shrink_backward_ref, linear_shrink=linear_shrink_ref
 )
 
 

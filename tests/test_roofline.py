@@ -47,6 +47,7 @@ NOT_LAUNCHES = {
 TORCH_GEMMS = ("linear", "matmul", "addmm")  # the model's names of torch's GEMMs
 SMALL = roofline.Case(m=256, inp=512, out=384, r=32, sparsity=0.5)  # 12 blocks of (32, 32), 6 kept
 TINY = roofline.Case(m=32, inp=64, out=96, r=32, sparsity=0.5)  # 3 blocks, 2 kept
+TINY_SPARSE = roofline.Case(m=32, inp=160, out=96, r=32, sparsity=0.7)  # 1 kept: linear_shrink's forward
 
 
 class Launches(TorchDispatchMode):
@@ -92,7 +93,15 @@ def _linear_shrink_backward_ref(dy, weight, g, seed, dist, dropout_p, dropout_se
     return reference.shrink_backward_ref(g, seed, weight.shape[1], dist, dropout_p, dropout_seed).addmm_(dy, weight)
 
 
-TWINS = reference.KERNELS._replace(linear_expand=_linear_expand_ref, linear_shrink_backward=_linear_shrink_backward_ref)
+def _linear_shrink_ref(x, weight, bias, seed, r, dist, dropout_p, dropout_seed):
+    return F.linear(x, weight, bias), reference.shrink_ref(x, seed, r, dist, dropout_p, dropout_seed)
+
+
+TWINS = reference.KERNELS._replace(
+    linear_expand=_linear_expand_ref,
+    linear_shrink_backward=_linear_shrink_backward_ref,
+    linear_shrink=_linear_shrink_ref,
+)
 
 
 def backend_kernel_set(name: str) -> LayerKernels:
@@ -103,7 +112,7 @@ def backend_kernel_set(name: str) -> LayerKernels:
         pytest.skip(str(error))
 
 
-def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
+def called_plan(name: str, case: roofline.Case, dropout_p: float, monkeypatch) -> dict:
     """What the fused layer of backend ``name`` calls, in order, per pass: its kernel set's
     fields (each run as its torch twin) and torch's own GEMMs in between."""
     mode = Launches()
@@ -123,7 +132,7 @@ def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
     )
     layer = fused.LAYERS[name]
     monkeypatch.setitem(layer.__dict__, "kernels", wrapped)
-    t = layer_inputs(TINY)
+    t = layer_inputs(case)
     rng = dict(seed=12345, dist="uniform", dropout_p=dropout_p, dropout_seed=torch.tensor(7))
     plan = {}
     for p in ("forward", "backward"):
@@ -137,7 +146,7 @@ def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
                     t["bias"],
                     t["b_values"],
                     t["b_blocks"],
-                    r=TINY.r,
+                    r=case.r,
                     out_features=t["weight"].shape[0],
                     scaling=2.0,
                     **rng,
@@ -161,13 +170,14 @@ def called_plan(name: str, dropout_p: float, monkeypatch) -> dict:
     return plan
 
 
+@pytest.mark.parametrize("case", [TINY, TINY_SPARSE], ids=["dense", "sparse"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.05])
 @pytest.mark.parametrize("name", list(roofline.PLANS))
-def test_plan_is_what_the_fused_layer_calls(name, dropout_p, monkeypatch):
-    plan = called_plan(name, dropout_p, monkeypatch)
+def test_plan_is_what_the_fused_layer_calls(name, dropout_p, case, monkeypatch):
+    plan = called_plan(name, case, dropout_p, monkeypatch)
     for p in ("forward", "backward"):
         kernels, torch_ops = plan[p]
-        modelled = roofline.PLANS[name][p]
+        modelled = roofline.plan_of(name, case)[0][p]
         assert set(torch_ops) <= set(TORCH_GEMMS), torch_ops  # nothing else outside the kernels
         assert [k for k in modelled if k not in TORCH_GEMMS] == kernels
         assert [k for k in modelled if k in TORCH_GEMMS] == torch_ops
@@ -176,7 +186,9 @@ def test_plan_is_what_the_fused_layer_calls(name, dropout_p, monkeypatch):
 def test_every_backend_with_a_fused_layer_is_modelled():
     cuda_backends = [row.name for row in backends.TABLE if row.device_types is None or "cuda" in row.device_types]
     assert sorted(roofline.PLANS) == sorted(cuda_backends)
-    assert set(roofline.FAMILIES) == set(roofline.PLANS)
+    assert set(roofline.FAMILIES) == set(roofline.PLANS) >= set(roofline.SPARSE_FORWARD)
+    assert roofline.plan_of("triton_epilogue", TINY_SPARSE)[0]["forward"] == ("linear_shrink", "expand_")
+    assert roofline.plan_of("triton_epilogue", TINY)[0]["forward"] == ("shrink", "linear_expand")
 
 
 class TritonLaunches:
@@ -202,7 +214,16 @@ class TritonLaunches:
 
 @pytest.mark.parametrize(
     "kernel",
-    ["shrink", "expand_", "expand_backward", "shrink_backward", "sddmm", "linear_expand", "linear_shrink_backward"],
+    [
+        "shrink",
+        "expand_",
+        "expand_backward",
+        "shrink_backward",
+        "sddmm",
+        "linear_expand",
+        "linear_shrink",
+        "linear_shrink_backward",
+    ],
 )
 def test_triton_launches_per_kernel(kernel, monkeypatch):
     """Launches inside each Triton kernel (its Triton grids and torch's ops), steady state (the
@@ -223,6 +244,7 @@ def test_triton_launches_per_kernel(kernel, monkeypatch):
         "shrink_backward": (g, 5, c.inp, "uniform", 0.0, 0),
         "sddmm": (t["dy"], t["h"], t["b_blocks"], *c.block, 2.0),
         "linear_expand": (t["x"], t["weight"], t["bias"], t["h"], t["b_values"], t["b_blocks"], 2.0),
+        "linear_shrink": (t["x"], t["weight"], t["bias"], 5, c.r, "uniform", 0.0, 0),
         "linear_shrink_backward": (t["dy"], t["weight"], g, 5, "uniform", 0.0, 0),
     }[kernel]
     fn(*args)  # builds the cached block index
@@ -304,7 +326,7 @@ def ratios(name: str, gpu=roofline.H100_SXM, **change) -> float:
     return roofline.ratio(name, c, gpu)
 
 
-@pytest.mark.parametrize("name", [n for n in roofline.plans() if n != "base"])
+@pytest.mark.parametrize("name", roofline.NAMES[1:])
 def test_ratios_move_the_way_they_must(name):
     by_m = [ratios(name, m=m) for m in roofline.TOKENS]
     assert by_m == sorted(by_m, reverse=True)  # launches amortised over more tokens
@@ -330,19 +352,19 @@ def test_auto_picks_what_the_model_predicts_fastest():
 def test_break_even_gemm_efficiency():
     c = roofline.Case(m=8192, inp=4096, out=4096, r=32, sparsity=0.9)
     where = dict(model="Llama-3-8B", projection=roofline.DECODER_LAYER)
-    even = roofline.break_even_gemm_efficiency("proposed", c, roofline.H100_SXM, **where)
-    assert roofline.ratio("proposed", c, roofline.H100_SXM, triton_efficiency=even, **where) <= 1.05
-    assert roofline.ratio("proposed", c, roofline.H100_SXM, triton_efficiency=even - 0.002, **where) > 1.05
+    even = roofline.break_even_gemm_efficiency("triton_epilogue", c, roofline.H100_SXM, **where)
+    assert roofline.ratio("triton_epilogue", c, roofline.H100_SXM, triton_efficiency=even, **where) <= 1.05
+    assert roofline.ratio("triton_epilogue", c, roofline.H100_SXM, triton_efficiency=even - 0.002, **where) > 1.05
     assert roofline.break_even_gemm_efficiency("triton", c, roofline.H100_SXM, **where) is None  # cuBLAS GEMMs
 
 
 def test_quick_run_tables():
     tables = roofline.run(torch.device("cpu"), quick=True)
     layer = tables["roofline"]
-    assert {r["plan"] for r in layer} == {"base", *roofline.PLANS, "proposed"}
+    assert {r["plan"] for r in layer} == set(roofline.NAMES)
     assert {r["projection"] for r in layer} == {*roofline.MODELS["Llama-3-8B"], roofline.DECODER_LAYER}
     assert all(r["h100_ratio"] >= r["h200_ratio"] * 0.99 for r in layer)
-    assert {r["kernel"] for r in tables["roofline_kernels"]} >= {"shrink", "linear_expand", "linear_shrink"}
+    assert {r["kernel"] for r in tables["roofline_kernels"]} >= {"shrink", "linear_shrink", "linear_shrink_backward"}
     assert {r["name"] for r in tables["roofline_assumptions"]} >= {"TRITON_GEMM_EFFICIENCY", "LAUNCH_COST_S"}
     assert re.fullmatch(r"[0-9a-f]+(-dirty)?|unknown", layer[0]["commit"])
 

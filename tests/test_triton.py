@@ -132,7 +132,7 @@ def test_autotuning_keys_name_kernel_arguments():
         for k in vars(module).values()
         if isinstance(k, triton.runtime.Autotuner)
     ]
-    assert len(tuned) == 7
+    assert len(tuned) == 8
     for kernel in tuned:
         assert set(kernel.keys) <= set(kernel.arg_names), kernel.fn.__name__
         assert set(kernel.restore_value) <= set(kernel.arg_names), kernel.fn.__name__

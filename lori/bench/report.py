@@ -391,7 +391,7 @@ def serving_memory_markdown(rows: list[dict]) -> str:
     return intro + "\n" + _table(header + ["LoRI-S / 4 PEFT adapters"], table)
 
 
-ROOFLINE_PLANS = ("triton", "triton_epilogue", "cuda_ext", "reference", "proposed")
+ROOFLINE_PLANS = ("triton", "triton_epilogue", "cuda_ext", "reference")
 
 
 def roofline_markdown(rows: list[dict], kernels: list[dict], assumptions: list[dict]) -> str:
@@ -411,8 +411,7 @@ def roofline_markdown(rows: list[dict], kernels: list[dict], assumptions: list[d
         f"Roofline model (`lori bench --suite roofline`, commit {first['commit']}, {first['date']}; predicted, no GPU "
         "measured): each backend's forward + backward kernel plan (the code's, checked by tests/test_roofline.py) "
         "over the frozen base linear's (cuBLAS), on an H100 SXM / an H200 at datasheet peaks times the efficiencies "
-        "below; M 8192, r 32, block sparsity 0.9, bf16. `proposed` is no backend: the base GEMMs computing h and dx "
-        "themselves (x and dx through memory once).\n"
+        "below; M 8192, r 32, block sparsity 0.9, bf16.\n"
     ]
     table = [
         [model, projection, f"{inp} × {outf}" if inp != "-" else "-", f"{dropout:g}"]
@@ -446,7 +445,7 @@ def roofline_markdown(rows: list[dict], kernels: list[dict], assumptions: list[d
         ]
         out.append(_table(["model", "dropout"] + [f"{p} (H100 / H200)" for p in gemm_plans], table))
     at = [k for k in kernels if (k["M"], k["in"], k["out"], k["r"], k["sparsity"]) == (8192, 4096, 14336, 32, 0.9)]
-    at = [k for k in at if k["dropout"] == 0 and k["plan"] in ("base", "triton", "triton_epilogue", "proposed")]
+    at = [k for k in at if k["dropout"] == 0 and k["plan"] in ("base", "triton", "triton_epilogue")]
     if at:
         out.append("\nBy kernel at 4096 × 14336 (the kernels suite's centre), dropout 0, H100 SXM:\n")
         table = [

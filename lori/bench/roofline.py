@@ -1,8 +1,9 @@
 """A roofline model of each backend's kernel plan: ``lori bench --suite roofline``.
 
 No GPU has measured the layer yet, so this predicts it: for every kernel that a backend's
-fused layer launches in forward and backward (``PLANS``, checked against the code by
-``tests/test_roofline.py``), the bytes it moves through HBM, its tensor-core, CUDA-core and
+fused layer launches in forward and backward (``plan_of``: ``PLANS``, with ``SPARSE_FORWARD``
+where B is sparse enough; checked against the code by ``tests/test_roofline.py``), the bytes
+it moves through HBM, its tensor-core, CUDA-core and
 integer (Philox) work and its launches; each kernel's time is the slowest of those at the
 device's datasheet peak times an efficiency, plus a launch cost per launch; the layer's is the
 sum over its plan, divided by the frozen base linear's forward + backward (cuBLAS ``x·Wᵀ + b``
@@ -14,8 +15,7 @@ Cases: Llama-3-8B and 70B projections, M 2k–32k tokens, r 16/32/64, block spar
 default block ``(32, min(r, 32))``, kept blocks spread at random), dropout 0/0.05, bf16.
 Tables: ``roofline`` (one row per case and plan: predicted ratio and time on H100 SXM and
 H200) and ``roofline_kernels`` (one row per kernel of a plan: bytes, work, launches, time and
-what bounds it; at M 8192 of Llama-3-8B unless ``full``). ``PROPOSED`` is a plan no backend
-runs yet, modelled the same way: the base GEMMs computing ``h`` and ``dx`` themselves.
+what bounds it; at M 8192 of Llama-3-8B unless ``full``).
 
 A kernel's resources are taken to overlap perfectly (the slowest bounds it, not their sum):
 optimistic where a GEMM's epilogue regenerates A or a dropout mask after its main loop. Dropout
@@ -29,6 +29,8 @@ far off it is.
 from __future__ import annotations
 
 import dataclasses
+
+from lori_kernels.fused import reads_x_once
 
 from .common import LLAMA3_8B_PROJECTIONS, default_block, environment
 
@@ -121,18 +123,13 @@ PLANS = {
     "cuda_ext": _UNFUSED,
     "reference": _UNFUSED,
 }
+SPARSE_FORWARD = {"triton_epilogue": ("linear_shrink", "expand_")}
+"""The forward of these backends where B is sparse enough (``lori_kernels.fused.reads_x_once``):
+the GEMM computing ``h`` from the x tiles it reads, then y's kept block rows updated."""
 FAMILIES = {"triton": "triton", "triton_epilogue": "triton", "cuda_ext": "extension", "reference": "torch"}
 BASE_PLAN = {"forward": ("linear",), "backward": ("matmul",)}
 TRITON_GEMMS = {"linear_expand", "linear_shrink_backward", "linear_shrink"}  # the frozen weight's GEMMs in Triton
-
-PROPOSED = {
-    "forward": ("linear_shrink", "expand_"),
-    "backward": ("expand_backward_sddmm", "linear_shrink_backward"),
-}
-"""Not built: x read once (``h = x·Aᵀ`` accumulated by the base GEMM's programs of one
-N-tile column, which load every x tile anyway; ``y``'s kept block rows updated after), dx
-written once (``linear_shrink_backward``, or with dropout 0 ``[dy | g]·[W ; A]``: the same
-bytes and FLOPs), and ``g`` and ``db`` from one read of dy's kept columns (one kernel)."""
+NAMES = ("base", *PLANS)  # every modelled plan: the base linear's and each backend's
 
 MODELS = {
     "Llama-3-8B": dict(zip(("q,o", "k,v", "gate,up", "down"), LLAMA3_8B_PROJECTIONS, strict=True)),
@@ -327,15 +324,12 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
             int_ops=_rng(a_regenerated + dropout * m * k),
             gemm="triton",
         ),
-        # PROPOSED's kernels
+        # the first column of output tiles accumulates h: x read once, A and D regenerated there
         "linear_shrink": Work(
             bytes=_gemm(c, m, k, n, "triton").bytes + e * (n + m * r),
             tensor_flops=2 * m * k * (n + c.r_pad),
             int_ops=_rng(a_regenerated + dropout * m * k),
             gemm="triton",
-        ),
-        "expand_backward_sddmm": Work(
-            bytes=sddmm_bytes + e * m * r, tensor_flops=2 * block_flops, launches=fused_sddmm_launches
         ),
     }
     return works[kernel]
@@ -384,22 +378,25 @@ def plan_seconds(plan: dict, family: str, c: Case, gpu: Gpu, triton_efficiency: 
     return sum(work.seconds(gpu, triton_efficiency) for _, _, work in plan_kernels(plan, family, c, gpu))
 
 
-def plans() -> dict[str, tuple[dict, str]]:
-    """Every modelled plan by name, with its family: the base linear (``"base"``), each
-    backend's, and ``"proposed"`` (Triton)."""
-    backends = {name: (plan, FAMILIES[name]) for name, plan in PLANS.items()}
-    return {"base": (BASE_PLAN, "triton"), **backends, "proposed": (PROPOSED, "triton")}
+def plan_of(name: str, c: Case) -> tuple[dict, str]:
+    """(kernels per pass, family) of plan ``name`` (``NAMES``) on case ``c``: the fused layer's
+    choice of forward by B's density included."""
+    if name == "base":
+        return BASE_PLAN, "triton"
+    kernels = PLANS[name]
+    if name in SPARSE_FORWARD and reads_x_once(c.inp, c.out, c.nnz, c.block[0]):
+        kernels = {**kernels, "forward": SPARSE_FORWARD[name]}
+    return kernels, FAMILIES[name]
 
 
 def seconds(name: str, model: str, projection: str, c: Case, gpu: Gpu, triton_efficiency: float | None = None) -> float:
     """Predicted forward + backward seconds of plan ``name`` on case ``c`` at ``projection`` of
     ``model`` (``c``'s own in and out), or over a whole decoder layer (``DECODER_LAYER``: q, k,
     v, o, gate, up, down)."""
-    plan, family = plans()[name]
     if projection != DECODER_LAYER:
-        return plan_seconds(plan, family, c, gpu, triton_efficiency)
+        return plan_seconds(*plan_of(name, c), c, gpu, triton_efficiency)
     return sum(
-        PER_DECODER_LAYER[p] * plan_seconds(plan, family, case, gpu, triton_efficiency)
+        PER_DECODER_LAYER[p] * plan_seconds(*plan_of(name, case), case, gpu, triton_efficiency)
         for p, case in at_projections(model, c).items()
     )
 
@@ -421,8 +418,10 @@ def fastest(c: Case, gpu: Gpu, candidates: tuple[str, ...] = tuple(PLANS), **whe
 
 def runs_triton_gemms(name: str) -> bool:
     """Whether plan ``name`` runs the frozen weight's GEMMs in Triton."""
-    plan, family = plans()[name]
-    return family == "triton" and bool(TRITON_GEMMS & {*plan["forward"], *plan["backward"]})
+    if name == "base":
+        return False
+    kernels = {*PLANS[name]["forward"], *PLANS[name]["backward"], *SPARSE_FORWARD.get(name, ())}
+    return FAMILIES[name] == "triton" and bool(TRITON_GEMMS & kernels)
 
 
 def break_even_gemm_efficiency(name: str, c: Case, gpu: Gpu, target: float = 1.05, **where) -> float | None:
@@ -478,17 +477,17 @@ def _columns(model: str, projection: str, c: Case) -> dict:
 def run(device=None, *, quick: bool = False, full: bool = False, backends: list[str] | None = None) -> dict:
     """Tables ``roofline``, ``roofline_kernels`` and ``roofline_assumptions`` (``device`` is not
     used: the model predicts H100 SXM and H200 on any machine; ``backends``: the plans to model,
-    default every backend's and ``proposed``)."""
+    default every backend's)."""
     env = environment(device)
     stamp = {"commit": env["commit"], "date": env["date"]}
-    names = [name for name in plans() if name == "base" or backends is None or name in backends]
+    names = [name for name in NAMES if name == "base" or backends is None or name in backends]
     layer_rows, kernel_rows = [], []
     for model, setting in cases(quick=quick):
         for projection, c in {**at_projections(model, setting), DECODER_LAYER: setting}.items():
             for name in names:
                 row = {**_columns(model, projection, c), "plan": name, "launches": "-", "MB": "-", "GFLOP": "-"}
                 if projection != DECODER_LAYER:
-                    kernels = plan_kernels(*plans()[name], c, H100_SXM)
+                    kernels = plan_kernels(*plan_of(name, c), c, H100_SXM)
                     row["launches"] = sum(w.launches for _, _, w in kernels)
                     row["MB"] = round(sum(w.bytes for _, _, w in kernels) / 1e6, 2)
                     row["GFLOP"] = round(sum(w.tensor_flops + w.core_flops for _, _, w in kernels) / 1e9, 2)

@@ -5,7 +5,7 @@
 - ``expand.py``: the B side over kept blocks, ``y += s * h @ B.T`` and ``g = s * dy @ B``,
 - ``expand_segments.py``: the B side of a mixed-adapter batch, one launch over many adapters,
 - ``sddmm.py``: ``db_values = s * dy.T @ h`` for kept blocks only,
-- ``gemm.py``: the frozen-weight GEMMs with the adapter in their epilogues,
+- ``gemm.py``: the frozen-weight GEMMs with the adapter inside,
 - ``indexing.py``: int64 element offsets, shared by every kernel,
 - ``tuning.py``: launch configurations and the dtype check of every launcher.
 
@@ -30,5 +30,7 @@ KERNELS = LayerKernels(
     expand_segments_=expand_segments.expand_segments_,
 )
 EPILOGUE_KERNELS = KERNELS._replace(
-    linear_expand=gemm.linear_expand, linear_shrink_backward=gemm.linear_shrink_backward
+    linear_expand=gemm.linear_expand,
+    linear_shrink_backward=gemm.linear_shrink_backward,
+    linear_shrink=gemm.linear_shrink,
 )

@@ -1,6 +1,7 @@
-"""The layer's two frozen-weight GEMMs in Triton, with the adapter in their epilogues:
+"""The layer's frozen-weight GEMMs in Triton, with the adapter in them:
 
     forward   y  = x @ W.T + b + s * h @ B.T     linear_expand           (B's kept blocks)
+              y  = x @ W.T + b, h = (x * D) @ A.T   linear_shrink        (A, D regenerated)
     backward  dx = dy @ W + (g @ A) * D          linear_shrink_backward  (A, D regenerated)
 
 These make the ``"triton_epilogue"`` backend. The ``"triton"`` backend instead leaves the
@@ -9,6 +10,13 @@ kept block rows once more after the forward GEMM, and ``shrink_backward`` writes
 adapter's part of ``dx`` (all of it) once more, for the backward GEMM to accumulate onto.
 Which of the two is faster on a GPU is what ``lori bench`` measures: the fused epilogue
 saves those passes, cuBLAS may still beat Triton's main loop.
+
+The two forward GEMMs trade one pass for another: ``linear_expand`` needs ``h`` first (the
+``shrink`` kernel reading x a second time) and writes y once; ``linear_shrink`` reads x once,
+its first column of output tiles accumulating ``h`` from the x tiles it loads anyway (A and
+the dropout mask regenerated beside them), and leaves ``y += s * h @ B.T`` to ``expand_``,
+which reads and writes y's kept block rows. The fused layer takes ``linear_shrink`` when
+those rows are fewer than half of x's width (``fused.reads_x_once``): a sparse B.
 
 ``interpreter_dot_is_right`` probes Triton's CPU interpreter with the smallest dot, for
 ``backends.triton_dtype_problem``.
@@ -32,11 +40,12 @@ import triton.language as tl
 from lori_kernels.block_index import block_slots
 from lori_kernels.triton_kernels.expand import expand_tile
 from lori_kernels.triton_kernels.indexing import tile_offsets
+from lori_kernels.triton_kernels.philox import a_tile, dropout_keep_tile
 from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile
 from lori_kernels.triton_kernels.tuning import autotune_by_case, check_dtype, dot_precision, tile
 
 # Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of each GEMM, per
-# kind of dtype and whether the backward applies dropout, each list led by the tile that
+# kind of dtype and whether it applies dropout (to x for h, to dx), each list led by the tile that
 # LORI_TRITON_AUTOTUNE=0 runs. Chosen with benchmarks/compile_check.py so that none spills on
 # sm_90 or sm_80 at widths that are multiples of 8 (benchmarks/results/compile_sm90.csv,
 # compile_sm80.csv). With dropout the backward's epilogue holds a tile of Philox words beside
@@ -54,8 +63,14 @@ _TENSOR_CORE_TILES = [
     (64, 64, 32, 5, 2),
 ]
 _FLOAT32_TILES = [(32, 64, 32, 3, 4), (32, 32, 32, 3, 4)]
+_LINEAR_SHRINK_TILES = [(128, 128, 32, 3, 8), (128, 64, 64, 3, 8), (64, 128, 32, 3, 8)]
 TILES = {  # (gemm, "tensor_cores" (bfloat16, float16) or "float32", dropout) -> tiles
     ("linear_expand", "tensor_cores", False): _TENSOR_CORE_TILES,
+    # h's tile [BLOCK_M, r] beside the GEMM's in the first column's programs: 8 warps per
+    # tile, which spill on neither target at r 64, with or without dropout (64 x 128 per 4
+    # warps spilled on sm_80 with dropout)
+    ("linear_shrink", "tensor_cores", False): _LINEAR_SHRINK_TILES,
+    ("linear_shrink", "tensor_cores", True): _LINEAR_SHRINK_TILES,
     ("linear_shrink_backward", "tensor_cores", False): _TENSOR_CORE_TILES,
     ("linear_shrink_backward", "tensor_cores", True): [
         (128, 128, 64, 4, 8),
@@ -66,6 +81,8 @@ TILES = {  # (gemm, "tensor_cores" (bfloat16, float16) or "float32", dropout) ->
         (64, 64, 32, 5, 2),
     ],
     ("linear_expand", "float32", False): [*_FLOAT32_TILES, (64, 32, 16, 3, 4)],
+    ("linear_shrink", "float32", False): _FLOAT32_TILES,
+    ("linear_shrink", "float32", True): _FLOAT32_TILES,
     ("linear_shrink_backward", "float32", False): _FLOAT32_TILES,
     ("linear_shrink_backward", "float32", True): _FLOAT32_TILES,
 }
@@ -155,6 +172,13 @@ def _matmul_tile(
 
 
 @triton.jit
+def _bias_row(bias_ptr, stride_bias, N, col0, BLOCK_N: tl.constexpr):
+    """float32 ``bias[col0:col0+BLOCK_N]`` as a ``[1, BLOCK_N]`` row (0 past ``N``)."""
+    rn = col0 + tl.arange(0, BLOCK_N)
+    return tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _store_tile(out_ptr, value, M, N, row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stores a float32 tile into contiguous ``out [M, N]`` in out's dtype."""
     rm = row0 + tl.arange(0, BLOCK_M)
@@ -206,8 +230,7 @@ def _linear_expand_kernel(
         h_ptr, bv_ptr, slot_ptr, M, N, R, N_BLOCK_COLS, row0, col0, BO, BR, R_PAD, PRECISION, BLOCK_M, BLOCK_N
     )
     if HAS_BIAS:
-        rn = col0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + rn.to(tl.int64) * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += _bias_row(bias_ptr, stride_bias, N, col0, BLOCK_N)
     acc = _matmul_tile(
         x_ptr,
         w_ptr,
@@ -226,6 +249,158 @@ def _linear_expand_kernel(
         BLOCK_N,
         BLOCK_K,
     )
+    _store_tile(y_ptr, acc, M, N, row0, col0, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _matmul_shrink_tile(
+    x_ptr,
+    w_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    row0,
+    acc,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``_matmul_tile`` of the first column of output tiles (``col0 = 0``), which also returns
+    the float32 tile ``((x * D) @ A.T)[row0:row0+BLOCK_M, :R_PAD]`` (before the dropout scale)
+    from the same x tiles; A and D regenerated per K step."""
+    rm = (row0 + tl.arange(0, BLOCK_M)) % M
+    rn = tl.arange(0, BLOCK_N) % N
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    x_ptrs = x_ptr + tile_offsets(rm, rk, stride_xm, stride_xk)
+    w_ptrs = w_ptr + tile_offsets(rk, rn, stride_wk, stride_wn)
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    h = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+        w = tl.load(w_ptrs, mask=rk[:, None] < K - k0, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep_tile(dkey0, dkey1, K, row0, k0, BLOCK_M, BLOCK_K, p, ALIGNED)
+            x = tl.where(keep, x, 0.0)
+        a = a_tile(key0, key1, K, 0, k0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
+        a = tl.where((rr[:, None] < R) & (rk[None, :] < K - k0), a, 0.0).to(x.dtype)
+        h = tl.dot(x, tl.trans(a), h, input_precision=PRECISION)
+        x_ptrs += x_step
+        w_ptrs += w_step
+    return acc, h
+
+
+@triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
+def _linear_shrink_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    h_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_bias,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    keep_scale,
+    HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    N, K = _multiple_of(N, VEC), _multiple_of(K, VEC)
+    stride_xm, stride_wn = _multiple_of(stride_xm, VEC), _multiple_of(stride_wn, VEC)
+    row0, col0 = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += _bias_row(bias_ptr, stride_bias, N, col0, BLOCK_N)
+    if col0 == 0:
+        acc, h = _matmul_shrink_tile(
+            x_ptr,
+            w_ptr,
+            M,
+            N,
+            K,
+            R,
+            stride_xm,
+            stride_xk,
+            stride_wk,
+            stride_wn,
+            row0,
+            acc,
+            key0,
+            key1,
+            bound,
+            dkey0,
+            dkey1,
+            p,
+            R_PAD,
+            RADEMACHER,
+            DROPOUT,
+            ALIGNED,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+        if DROPOUT:
+            h = h * keep_scale
+        _store_tile(h_ptr, h, M, R, row0, 0, BLOCK_M, R_PAD)
+    else:
+        acc = _matmul_tile(
+            x_ptr,
+            w_ptr,
+            M,
+            N,
+            K,
+            stride_xm,
+            stride_xk,
+            stride_wk,
+            stride_wn,
+            row0,
+            col0,
+            acc,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
     _store_tile(y_ptr, acc, M, N, row0, col0, BLOCK_M, BLOCK_N)
 
 
@@ -310,6 +485,7 @@ def _linear_shrink_backward_kernel(
 
 
 _linear_expand = _autotuned(_linear_expand_kernel, "linear_expand", _KEY, "x_ptr")
+_linear_shrink = _autotuned(_linear_shrink_kernel, "linear_shrink", _KEY + ["DROPOUT"], "x_ptr")
 _linear_shrink_backward = _autotuned(
     _linear_shrink_backward_kernel, "linear_shrink_backward", _KEY + ["DROPOUT"], "dy_ptr"
 )
@@ -369,6 +545,51 @@ def linear_expand(
         PRECISION=dot_precision(x.dtype),
     )
     return y
+
+
+def linear_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seed,
+    r: int,
+    dist: str = "uniform",
+    dropout_p: float = 0.0,
+    dropout_seed=0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, h)`` = ``(x @ W.T + b, (x * D) @ A.T)`` ``([M, out], [M, r])`` in one kernel, x
+    read once, for a 2-D ``x`` ``[M, in]``; A and D regenerated from their seeds. ``x``,
+    ``weight`` and ``bias`` may have any strides."""
+    check_dtype("linear_shrink", x)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    h = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y, h
+    _linear_shrink[_grid(m, n)](
+        x,
+        weight,
+        bias if bias is not None else x,
+        y,
+        h,
+        m,
+        n,
+        k,
+        r,
+        triton.next_power_of_2(m),
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        **rng_args(seed, k, dist, dropout_p, dropout_seed),
+        HAS_BIAS=bias is not None,
+        R_PAD=tile(r),
+        VEC=_vector((k, n), x, weight),
+        PRECISION=dot_precision(x.dtype),
+    )
+    return y, h
 
 
 def linear_shrink_backward(
