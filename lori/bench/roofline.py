@@ -298,7 +298,7 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
     programs = -(-m // TRITON_ROWS_PER_PROGRAM)
     a_regenerated = programs * c.r_pad * k
     splits = sddmm_splits(c, gpu.sms)
-    fused_sddmm_launches = 1 + (splits > 1) * (1 + (e != 4))  # + torch's sum and .to(dtype)
+    sddmm_launches = 1 + (splits > 1)  # + the sum of the fp32 partials
     sddmm_bytes = dy_kept + small + (splits > 1) * 2 * 4 * splits * c.nnz * c.block[0] * c.block[1]
     works = {
         "shrink": Work(
@@ -311,7 +311,7 @@ def kernel_work(family: str, kernel: str, c: Case, gpu: Gpu) -> Work:
         ),
         "expand_": Work(bytes=y_touched + small, tensor_flops=block_flops),
         "expand_backward": Work(bytes=dy_kept + small, tensor_flops=block_flops),
-        "sddmm": Work(bytes=sddmm_bytes, tensor_flops=block_flops, launches=fused_sddmm_launches),
+        "sddmm": Work(bytes=sddmm_bytes, tensor_flops=block_flops, launches=sddmm_launches),
         # the epilogue's dot runs over all of r for every output tile (dropped blocks as zeros)
         "linear_expand": Work(
             bytes=_gemm(c, m, k, n, "triton").bytes + e * n + small,

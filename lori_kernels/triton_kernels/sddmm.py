@@ -3,8 +3,9 @@
     db_values[k] = s * dy[:, rows of block k].T @ h[:, columns of block k]    [bo, br]
 
 Each kept block reduces over all M tokens. With few kept blocks (high sparsity) that is
-too little parallelism, so M is split across programs and the fp32 partial sums are
-added by torch (deterministic, no atomics); unsplit, the kernel writes db_values itself.
+too little parallelism, so M is split across programs and a second kernel adds their fp32
+partial sums in split order and writes db_values in dy's dtype (deterministic, no atomics;
+one launch where torch's sum and cast took two); unsplit, the kernel writes db_values itself.
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ def _sddmm_kernel(
     )
 
 
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, SPLITS, SIZE, BLOCK: tl.constexpr):
+    """``out[i] = partial[0, i] + ... + partial[SPLITS - 1, i]`` in float32, in that order,
+    stored in out's dtype, for ``partial`` ``[SPLITS, SIZE]`` and ``out`` ``[SIZE]``."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < SIZE
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ptrs = partial_ptr + offsets
+    for _ in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += SIZE  # a 64-bit pointer: no int32 product split * SIZE
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_SUM_BLOCK = 1024  # elements of db_values per program of the sum of partials
+
+
 def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br: int, scaling: float) -> torch.Tensor:
     """``db_values`` ``[nnz, bo, br]`` = ``scaling * dy.T @ h`` at the kept blocks, in
     dy's dtype; zero in the padded rows of a partial last block row. ``dy`` may have any
@@ -104,4 +122,10 @@ def sddmm(dy: torch.Tensor, h: torch.Tensor, b_blocks: torch.Tensor, bo: int, br
         BR_PAD=tile(br),
         PRECISION=dot_precision(dy.dtype),
     )
-    return partial.sum(0).to(dy.dtype) if splits > 1 else partial[0]
+    if splits == 1:
+        return partial[0]
+    db_values = torch.empty(nnz, bo, br, dtype=dy.dtype, device=dy.device)
+    _sum_partials_kernel[(triton.cdiv(db_values.numel(), _SUM_BLOCK),)](
+        partial, db_values, splits, db_values.numel(), BLOCK=_SUM_BLOCK
+    )
+    return db_values
