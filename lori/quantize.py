@@ -17,6 +17,7 @@ Kinds (weight-only: activations stay in the model's dtype; each runs on the CPU)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from lori.model import _output_head
 
-__all__ = ["QUANTIZED_KINDS", "quantize_base"]
+__all__ = ["QUANTIZED_KINDS", "quantize_base", "quantized_weight_bytes", "quantization_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,23 @@ def quantize_base(model: nn.Module, kind: str, *, group_size: int = 64) -> nn.Mo
     (one of ``QUANTIZED_KINDS``; ``group_size``: the int4 groups and the NF4 blocks along
     the input, torchao's and bitsandbytes'). Layers already quantized, and LoRI's adapters,
     are left as they are. Returns ``model``."""
+    targets = quantization_targets(model, kind, group_size)  # checked before any layer changes
+    for name, linear in targets:
+        linear.requires_grad_(False)
+        if kind.startswith("bnb_"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, _bitsandbytes(linear, kind, group_size))
+        else:
+            _torchao(linear, kind, group_size)
+    log.info("quantized %d linear layers to %s", len(targets), kind)
+    return model
+
+
+def quantization_targets(model: nn.Module, kind: str, group_size: int = 64) -> list[tuple[str, nn.Linear]]:
+    """``(name, layer)`` of every linear layer ``quantize_base(model, kind, group_size=...)``
+    quantizes: each ``nn.Linear`` but the output head whose weight is a plain parameter (also
+    on the ``meta`` device). Raises, naming the layer, where ``kind`` groups the input and a
+    layer's width is not a multiple of ``group_size``."""
     if kind not in QUANTIZED_KINDS:
         raise ValueError(f"kind must be one of {QUANTIZED_KINDS}, got {kind!r}")
     head = _output_head(model)
@@ -47,20 +65,37 @@ def quantize_base(model: nn.Module, kind: str, *, group_size: int = 64) -> nn.Mo
     ]
     grouped = kind in ("int4", "nf4", "bnb_nf4")
     misfit = next((name for name, linear in targets if grouped and linear.in_features % group_size), None)
-    if misfit is not None:  # before any layer changes
+    if misfit is not None:
         inputs = model.get_submodule(misfit).in_features
         raise ValueError(
             f"{misfit} has {inputs} inputs, not a multiple of group_size {group_size}; nothing was quantized"
         )
-    for name, linear in targets:
-        linear.requires_grad_(False)
-        if kind.startswith("bnb_"):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _bitsandbytes(linear, kind, group_size))
-        else:
-            _torchao(linear, kind, group_size)
-    log.info("quantized %d linear layers to %s", len(targets), kind)
-    return model
+    return targets
+
+
+SAMPLE_ROWS = 256  # rows of the layer quantized_weight_bytes measures
+
+
+def quantized_weight_bytes(
+    kind: str, out_features: int, in_features: int, dtype: torch.dtype, group_size: int = 64
+) -> int:
+    """Bytes an ``[out_features, in_features]`` weight of ``dtype`` holds once ``quantize_base``
+    quantizes it to ``kind`` (its data, scales and the rest: ``lori_kernels.testing.plain_tensors``),
+    for ``lori train --plan``: measured on the CPU on a layer of ``SAMPLE_ROWS`` rows of the same
+    width, quantized by the same code, and scaled to ``out_features`` rows (every kind keeps its
+    scales per row or per group of a row)."""
+    return round(_bytes_per_row(kind, in_features, dtype, group_size) * out_features)
+
+
+@functools.cache
+def _bytes_per_row(kind: str, in_features: int, dtype: torch.dtype, group_size: int) -> float:
+    from lori_kernels.testing import plain_tensors, storage_bytes
+
+    sample = nn.Linear(in_features, SAMPLE_ROWS, bias=False, dtype=dtype)
+    holder = nn.Sequential(sample)
+    quantize_base(holder, kind, group_size=group_size)
+    weight = holder[0].weight
+    return storage_bytes(plain_tensors(weight)) / SAMPLE_ROWS
 
 
 def _torchao(linear: nn.Linear, kind: str, group_size: int) -> None:

@@ -2,8 +2,8 @@
 masks, ``lori train --plan`` per rank, and the plan's sharded sizes confirmed by FSDP2
 itself at world size 64 under PyTorch's fake process group."""
 
+import dataclasses
 import json
-import logging
 import subprocess
 import sys
 
@@ -199,14 +199,29 @@ def test_plan_against_a_real_two_process_run(tmp_path):
     assert measured["saved"] == pytest.approx(plan.rows["activations"] + hidden_grad, rel=0.1)
 
 
-def test_plan_of_a_quantized_base_says_it_is_an_upper_bound(tmp_path, caplog):
-    """--quantize-base: the plan still counts the base in the compute dtype, and says so."""
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps(llama3_config("8b")))
-    cfg = TrainConfig(
-        model=str(tmp_path / "model"), data="-", output="-", adapter=LoRIConfig(r=32), quantize_base="nf4"
-    )
-    with caplog.at_level(logging.WARNING, logger="lori.train.plan"):
-        plan = memory_plan(cfg, 1, gpu_memory=80)
-    assert plan.rows["frozen weights (sharded)"] > 15e9  # 8B parameters in bf16
-    assert "not quantized to nf4: an upper bound" in caplog.text
+@pytest.mark.parametrize("kind", ["int8", "nf4", "bnb_nf4"])
+def test_plan_of_a_quantized_base_is_what_quantize_base_holds(tmp_path, kind):
+    """--quantize-base (one process): the frozen weights are what ``quantize_base`` leaves on a
+    real model of the same config (within 1%: the plan scales a sample layer), the unsharded
+    model gathers nothing, and more than one process is refused as training refuses it."""
+    from test_model import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lori import get_lori_model, quantize_base
+    from lori_kernels.testing import plain_tensors, storage_bytes
+
+    torch.manual_seed(0)
+    config = {**TINY, "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2, "vocab_size": 1000}
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(model=str(tmp_path / "base"), data="-", output="-", adapter=LoRIConfig(r=8, block=(16, 8)),
+                      quantize_base=kind)  # fmt: skip
+    plan = memory_plan(cfg, 1)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    model = get_lori_model(quantize_base(model, kind), cfg.adapter)
+    frozen = [t for p in model.parameters() if not p.requires_grad for t in plain_tensors(p)]
+    assert plan.rows["frozen weights (sharded)"] == pytest.approx(storage_bytes(frozen), rel=0.01)
+    unquantized = memory_plan(dataclasses.replace(cfg, quantize_base=None), 1)
+    assert plan.rows["frozen weights (sharded)"] < unquantized.rows["frozen weights (sharded)"]
+    assert plan.rows["gathered weights (root + 2 layers)"] == 0
+    with pytest.raises(ValueError, match="quantize_base runs in one process; 2 processes"):
+        memory_plan(cfg, 2)

@@ -136,6 +136,15 @@ class TrainConfig:
         if not isinstance(self.adapter, LoRIConfig):
             raise TypeError(f"adapter must be a LoRIConfig, got {type(self.adapter).__name__}")
 
+    def check_world_size(self, world_size: int) -> None:
+        """Refuses a run of ``world_size`` processes that these settings cannot make: a quantized
+        base runs in one process (FSDP2 does not shard quantized weights here)."""
+        if self.quantize_base is not None and world_size > 1:
+            raise ValueError(
+                f"quantize_base runs in one process; {world_size} processes would shard quantized weights with FSDP2, "
+                "which is not supported: train on one GPU, or leave the base unquantized"
+            )
+
     @classmethod
     def from_recipe(cls, name: str, *, adapter: dict | None = None, **fields) -> TrainConfig:
         """A run with recipe ``name``'s defaults (``lori.recipes``; ``"paper"`` reproduces the

@@ -139,11 +139,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     output = Path(cfg.output)
     _check_inputs(cfg)
-    if cfg.quantize_base is not None and world.size > 1:
-        raise ValueError(
-            f"quantize_base runs in one process; {world.size} processes would shard quantized weights with FSDP2, "
-            "which is not supported: train on one GPU, or leave the base unquantized"
-        )
+    cfg.check_world_size(world.size)
     found = check_output(cfg, output)
     if cfg.overwrite_output and world.main:
         for old in found:

@@ -6,12 +6,15 @@ Per rank, in bytes:
 
 - ``frozen weights``: the base model's shard. FSDP2 shards every parameter along its first
   dimension over the shard group (the whole world, or the ``shard`` dimension of an HSDP
-  mesh), padded to a multiple of the group size;
+  mesh), padded to a multiple of the group size. With ``quantize_base`` (one process) the
+  linear layers it quantizes count as their quantized bytes (``lori.quantize.quantized_weight_bytes``,
+  measured on a CPU sample of each width);
 - ``trainable b_values``, ``gradients`` (float32, sharded like the weights) and ``AdamW
   state`` (two float32 tensors per parameter);
 - ``gathered weights``: what FSDP2 all-gathers at once in the compute dtype: the root's own
   parameters (embeddings, final norm, output layer: kept gathered from forward to
-  backward) and two decoder layers (the one running and the one prefetched);
+  backward) and two decoder layers (the one running and the one prefetched); none in one
+  process, which holds the whole model unsharded;
 - ``activations``: what the base model's forward saves for backward, measured by running
   it on ``meta`` tensors for one micro-batch of ``batch_size x max_length`` tokens, plus
   LoRI's ``h`` (tokens x r) per adapted layer; with activation checkpointing, every
@@ -30,7 +33,6 @@ FSDP2 itself at world size 64 under PyTorch's fake process group.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from pathlib import Path
 
@@ -39,14 +41,13 @@ from torch import nn
 
 from lori.masks import load_masks
 from lori.model import get_lori_model, lori_layers
+from lori.quantize import quantization_targets, quantized_weight_bytes
 from lori.train.config import TrainConfig
 from lori.train.world import build_on_meta, decoder_layers
 
 __all__ = ["MemoryPlan", "memory_plan"]
 
 GIB = 2**30
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -157,16 +158,18 @@ def memory_plan(
     """The per-rank memory of running ``cfg`` on ``world_size`` ranks (HSDP when
     ``cfg.mesh`` is set), the base in ``compute_dtype`` (bf16: what a GPU run uses)."""
     replicate, shards = cfg.mesh or (1, world_size)
-    if cfg.quantize_base is not None:
-        log.warning(
-            "the plan counts the base's weights in %s, not quantized to %s: an upper bound",
-            str(compute_dtype).removeprefix("torch."),
-            cfg.quantize_base,
-        )
+    cfg.check_world_size(world_size)
     if replicate * shards != world_size:
         raise ValueError(f"mesh {replicate}x{shards} needs {replicate * shards} ranks, not {world_size}")
     model = build_on_meta(cfg.model, compute_dtype)
     config = model.config
+    quantized = {}  # id(weight) -> its bytes once quantized
+    if cfg.quantize_base is not None:
+        for _, linear in quantization_targets(model, cfg.quantize_base):
+            out_features, in_features = linear.weight.shape
+            quantized[id(linear.weight)] = quantized_weight_bytes(
+                cfg.quantize_base, out_features, in_features, compute_dtype
+            )
     tokens = cfg.batch_size * cfg.max_length
     outside, per_layer, inputs = _saved_activations(model, cfg.batch_size, cfg.max_length)  # the base's, no adapter
     masks = load_masks(cfg.masks) if cfg.masks else None
@@ -195,11 +198,11 @@ def memory_plan(
         logits = tokens * vocab * (compute_dtype.itemsize + 4 + 4)
 
     rows = {
-        "frozen weights (sharded)": sum(_shard_bytes(p, shards) for p in frozen),
+        "frozen weights (sharded)": sum(quantized.get(id(p)) or _shard_bytes(p, shards) for p in frozen),
         "trainable b_values (fp32, sharded)": trainable_bytes,
         "gradients (fp32, sharded)": trainable_bytes,
         "AdamW state (fp32, sharded)": 2 * trainable_bytes,
-        "gathered weights (root + 2 layers)": root + 2 * layer_bytes,
+        "gathered weights (root + 2 layers)": root + 2 * layer_bytes if world_size > 1 else 0,
         "activations" + (" (checkpointed)" if cfg.activation_checkpointing else ""): activations,
         "logits" + (f" (chunks of {cfg.loss_chunk_tokens})" if cfg.loss_chunk_tokens else ""): logits,
     }
