@@ -56,7 +56,9 @@ def test_layer_to_triton_kernel_is_five_frames_in_four_files_one_way(monkeypatch
 
 
 # What the training library may use of lori_kernels: the public operators and helpers.
-PUBLIC_MODULES = {"lori_kernels", "lori_kernels.block_sparse", "lori_kernels.rng"}
+# the operators, the B format, the generator, and the measuring helpers (lori.quantize measures
+# a quantized weight's bytes with them): no kernel, backend or dispatch
+PUBLIC_MODULES = {"lori_kernels", "lori_kernels.block_sparse", "lori_kernels.rng", "lori_kernels.testing"}
 PUBLIC_NAMES = set(lori_kernels.__all__) - {"extension_available"}
 
 
