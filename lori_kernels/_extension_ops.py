@@ -60,4 +60,5 @@ KERNELS = LayerKernels(
     _ops.sddmm,
     generate_a,
     expand_segments_=_ops.expand_segments_,
+    matmul_shrink_on=("cpu",),  # csrc/shrink_cpu.cpp; the CUDA shrink generates A in shared memory
 )

@@ -51,6 +51,9 @@ class LayerKernels(NamedTuple):
     # segment, reference.expand_segments_ref_):
     # (y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling): y[rows[i]] += scaling[s] * h[i] @ B_s.T
     expand_segments_: Callable | None = None
+    # The device types where shrink is generate_a, then torch's matmul of x with A.T (None: every
+    # device), so that a kept A gives its h bit for bit (lori_linear_multi keeps one per pack).
+    matmul_shrink_on: tuple[str, ...] | None = ()
 
 
 OPS = ("lori_linear", "generate_a", "delta_weight", "lori_linear_multi")  # the public ops a backend may serve

@@ -18,8 +18,9 @@ expand adds ``scaling_s * h @ B_s.T`` into each segment's rows of ``y``:
   batch layout;
 - ``forward``: the composition over one backend's kernels (its ``expand_segments_``, or its
   ``expand_`` once per segment, ``reference.expand_per_segment_``, for kernel sets without one).
-  Where the backend's shrink multiplies by a generated A with torch's matmul (on the CPU), the
-  pack keeps each group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
+  Where the backend's shrink multiplies by a generated A with torch's matmul (its kernel set's
+  ``matmul_shrink_on``: the reference's, the extension's on the CPU), the pack keeps each
+  group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def forward(
     """``y`` [M, out_features] of a 2-D contiguous ``x`` [M, in]: the base for every row (none
     without a ``weight``), each row's adapter (``plan``) added over ``kernels``."""
     y = x.new_zeros(x.shape[0], out_features) if weight is None else torch.nn.functional.linear(x, weight, bias)
-    keep_a = _shrink_multiplies_generated_a(kernels, x.device)
+    on = kernels.matmul_shrink_on
+    keep_a = on is None or x.device.type in on
     for g, (group, (rows, spans)) in enumerate(zip(packed.groups, plan.groups, strict=True)):
         if rows.numel() == 0:
             continue
@@ -263,12 +265,3 @@ def forward(
                     y, h_s, rows_s, span.seg_ptr, span.longest, s.b_values, s.b_blocks, s.row_ptr, s.scaling
                 )
     return y
-
-
-def _shrink_multiplies_generated_a(kernels: LayerKernels, device: torch.device) -> bool:
-    """Whether ``kernels.shrink`` on ``device`` is ``generate_a`` then torch's matmul (the reference
-    twin's anywhere; the extension's on the CPU, ``csrc/shrink_cpu.cpp``), so that the pack's kept
-    A gives the same ``h`` bit for bit. The Triton and CUDA shrinks generate A in registers."""
-    return kernels.shrink is reference.shrink_ref or (
-        device.type == "cpu" and kernels.shrink is getattr(torch.ops.lori, "shrink", None)
-    )

@@ -106,4 +106,5 @@ KERNELS = LayerKernels(
     expand_backward_ref,
     sddmm_ref,
     rng.generate_a_tile,
+    matmul_shrink_on=None,
 )

@@ -108,7 +108,7 @@ def test_one_shrink_per_seed_group(monkeypatch):
     assert [len(g.sets) for g in packed.groups] == [2, 1]  # seed group: blocks (16, 8) and (32, 16); the other seed
     calls = []
     kernels = reference.KERNELS._replace(
-        shrink=lambda x, *args: calls.append(x.shape[0]) or reference.shrink_ref(x, *args)
+        shrink=lambda x, *args: calls.append(x.shape[0]) or reference.shrink_ref(x, *args), matmul_shrink_on=()
     )
     x = torch.randn(8, IN, generator=torch.Generator().manual_seed(2))
     rows = (0, 1, 2, 3, 4, 0, 1, -1)
@@ -127,7 +127,7 @@ def test_kept_a_gives_the_backends_shrink_bit_for_bit(backend, dtype):
     x = torch.randn(9, 2, IN, generator=torch.Generator().manual_seed(5)).to(dtype)
     rows = (0, 1, 2, 3, 4, 0, 1, -1, 3)
     kernels = backends.kernels(backend)
-    own_shrink = kernels._replace(shrink=lambda *args: kernels.shrink(*args))  # not known to keep A
+    own_shrink = kernels._replace(matmul_shrink_on=())  # shrinks with its own A every call
     want = multi.forward(own_shrink, x.reshape(-1, IN), weight, bias, OUT, packed, packed.plan(rows, 2))
     assert not packed._a
     for _ in range(2):
