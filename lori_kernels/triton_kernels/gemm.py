@@ -40,8 +40,7 @@ import triton.language as tl
 from lori_kernels.block_index import block_slots
 from lori_kernels.triton_kernels.expand import expand_tile
 from lori_kernels.triton_kernels.indexing import tile_offsets
-from lori_kernels.triton_kernels.philox import a_tile, dropout_keep_tile
-from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile
+from lori_kernels.triton_kernels.shrink import rng_args, shrink_backward_tile, shrink_step
 from lori_kernels.triton_kernels.tuning import autotune_by_case, check_dtype, dot_precision, tile
 
 # Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of each GEMM, per
@@ -283,11 +282,10 @@ def _matmul_shrink_tile(
 ):
     """``_matmul_tile`` of the first column of output tiles (``col0 = 0``), which also returns
     the float32 tile ``((x * D) @ A.T)[row0:row0+BLOCK_M, :R_PAD]`` (before the dropout scale)
-    from the same x tiles; A and D regenerated per K step."""
+    from the same x tiles (``shrink.shrink_step``)."""
     rm = (row0 + tl.arange(0, BLOCK_M)) % M
     rn = tl.arange(0, BLOCK_N) % N
     rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, R_PAD)
     x_ptrs = x_ptr + tile_offsets(rm, rk, stride_xm, stride_xk)
     w_ptrs = w_ptr + tile_offsets(rk, rn, stride_wk, stride_wn)
     x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
@@ -297,12 +295,27 @@ def _matmul_shrink_tile(
         x = tl.load(x_ptrs, mask=rk[None, :] < K - k0, other=0.0)
         w = tl.load(w_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        if DROPOUT:
-            keep = dropout_keep_tile(dkey0, dkey1, K, row0, k0, BLOCK_M, BLOCK_K, p, ALIGNED)
-            x = tl.where(keep, x, 0.0)
-        a = a_tile(key0, key1, K, 0, k0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
-        a = tl.where((rr[:, None] < R) & (rk[None, :] < K - k0), a, 0.0).to(x.dtype)
-        h = tl.dot(x, tl.trans(a), h, input_precision=PRECISION)
+        h = shrink_step(
+            x,
+            h,
+            row0,
+            k0,
+            K,
+            R,
+            key0,
+            key1,
+            bound,
+            dkey0,
+            dkey1,
+            p,
+            R_PAD,
+            RADEMACHER,
+            DROPOUT,
+            ALIGNED,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_K,
+        )
         x_ptrs += x_step
         w_ptrs += w_step
     return acc, h

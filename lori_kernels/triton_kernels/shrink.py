@@ -41,6 +41,41 @@ def _autotuned(kernel, operand: str, restore_value: list[str] | None = None):
     return autotune_by_case(kernel, cases, ["K", "R_PAD", "DROPOUT"], operand, interpreter, restore_value)
 
 
+@triton.jit
+def shrink_step(
+    x,
+    acc,
+    row0,
+    k0,
+    K,
+    R,
+    key0,
+    key1,
+    bound,
+    dkey0,
+    dkey1,
+    p,
+    R_PAD: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``acc + (x * D) @ A.T`` (float32 ``[BLOCK_M, R_PAD]``) for the tile ``x`` of rows
+    ``row0:row0+BLOCK_M`` and columns ``k0:k0+BLOCK_K`` of ``[M, K]`` (zero past K), D's and
+    A's tiles there regenerated: one K step of ``shrink`` and of ``gemm.linear_shrink``."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    if DROPOUT:
+        keep = dropout_keep_tile(dkey0, dkey1, K, row0, k0, BLOCK_M, BLOCK_K, p, ALIGNED)
+        x = tl.where(keep, x, 0.0)
+    a = a_tile(key0, key1, K, 0, k0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
+    a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(x.dtype)
+    return tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=["key0", "key1", "dkey0", "dkey1"])
 def _shrink_kernel(
     x_ptr,
@@ -76,12 +111,27 @@ def _shrink_kernel(
             mask=(rm[:, None] < M) & (rk[None, :] < K),
             other=0.0,
         )
-        if DROPOUT:
-            keep = dropout_keep_tile(dkey0, dkey1, K, pid * BLOCK_M, k0, BLOCK_M, BLOCK_K, p, ALIGNED)
-            x = tl.where(keep, x, 0.0)
-        a = a_tile(key0, key1, K, 0, k0, R_PAD, BLOCK_K, bound, RADEMACHER, ALIGNED)
-        a = tl.where((rr[:, None] < R) & (rk[None, :] < K), a, 0.0).to(x.dtype)
-        acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
+        acc = shrink_step(
+            x,
+            acc,
+            pid * BLOCK_M,
+            k0,
+            K,
+            R,
+            key0,
+            key1,
+            bound,
+            dkey0,
+            dkey1,
+            p,
+            R_PAD,
+            RADEMACHER,
+            DROPOUT,
+            ALIGNED,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_K,
+        )
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(
