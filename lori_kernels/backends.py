@@ -40,6 +40,9 @@ class LayerKernels(NamedTuple):
     expand_backward: Callable  # (dy, b_values, b_blocks, r, scaling) -> g = scaling * dy @ B [M, r]
     sddmm: Callable  # (dy, h, b_blocks, bo, br, scaling) -> db_values = scaling * dy.T @ h [nnz, bo, br]
     generate_a: Callable  # (seed, d_in, row0, rows, col0, cols, *, dist, device) -> float32 A tile
+    # The segmented expand of mixed-adapter batches (lori_linear_multi):
+    # (y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling): y[rows[i]] += scaling[s] * h[i] @ B_s.T
+    expand_segments_: Callable
     # Optional GEMMs with the adapter in the epilogue (None: torch's GEMMs, with expand_ after
     # the forward one and shrink_backward's output as the backward one's accumulator).
     linear_expand: Callable | None = None  # (x, weight, bias, h, b_values, b_blocks, scaling) -> y
@@ -47,10 +50,6 @@ class LayerKernels(NamedTuple):
     # Optional forward GEMM that computes h from the x tiles it reads (None: shrink, then the GEMM):
     # (x, weight, bias, seed, r, dist, dropout_p, dropout_seed) -> (y = x @ W.T + b, h = (x * D) @ A.T)
     linear_shrink: Callable | None = None
-    # Optional segmented expand of mixed-adapter batches (lori_linear_multi; None: expand_ per
-    # segment, reference.expand_segments_ref_):
-    # (y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling): y[rows[i]] += scaling[s] * h[i] @ B_s.T
-    expand_segments_: Callable | None = None
     # The device types where shrink is generate_a, then torch's matmul of x with A.T (None: every
     # device), so that a kept A gives its h bit for bit (lori_linear_multi keeps one per pack).
     matmul_shrink_on: tuple[str, ...] | None = ()

@@ -20,6 +20,7 @@ from lori_kernels.block_sparse import check_b_layout, check_block
 __all__ = [
     "COMPUTE_DTYPES",
     "LayerSpec",
+    "check_base",
     "check_delta_weight_args",
     "check_lori_linear_args",
     "check_lori_linear_multi_args",
@@ -88,9 +89,8 @@ def _check_x(x, min_dims: int = 1) -> None:
         raise ValueError(f"x must have at least {least} (its last is in_features)")
 
 
-def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
-    """The checks of ``x`` and the frozen ``weight`` and ``bias`` that the layer operators
-    share; returns ``(out_features, in_features)``."""
+def _check_weight(x, weight, bias, min_dims: int) -> tuple[int, int]:
+    """``(out_features, in_features)`` of ``x`` and the frozen ``weight`` and ``bias``."""
     _check_x(x, min_dims)
     _check_tensor("weight", weight, x)
     if weight.dim() != 2:
@@ -115,9 +115,8 @@ def _check_base(x, weight, bias, min_dims: int = 1) -> tuple[int, int]:
     return out_features, in_features
 
 
-def _check_adapter_only(x, weight, bias, out_features, min_dims: int = 1) -> tuple[int, int]:
-    """``(out_features, in_features)`` of the adapter-only form of the layer operators: no
-    weight, no bias."""
+def _check_adapter_only(x, weight, bias, out_features, min_dims: int) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the adapter-only form: no weight, no bias."""
     _check_x(x, min_dims)
     if weight is not None:
         raise ValueError("out_features is given only without a weight (the adapter alone); a weight's shape sets it")
@@ -130,14 +129,19 @@ def _check_adapter_only(x, weight, bias, out_features, min_dims: int = 1) -> tup
     return out_features, x.shape[-1]
 
 
+def check_base(x, weight, bias, out_features, min_dims: int = 1) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a layer operator's ``x`` and frozen ``weight`` and
+    ``bias``, or of its adapter-only form (no weight, no bias, ``out_features`` given)."""
+    if weight is None or out_features is not None:
+        return _check_adapter_only(x, weight, bias, out_features, min_dims)
+    return _check_weight(x, weight, bias, min_dims)
+
+
 def check_lori_linear_args(
     x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a, out_features
 ) -> LayerSpec:
     """The ``LayerSpec`` of a ``lori_linear`` call (arguments in its order), once they are right."""
-    if weight is None or out_features is not None:
-        out_features, in_features = _check_adapter_only(x, weight, bias, out_features)
-    else:
-        out_features, in_features = _check_base(x, weight, bias)
+    out_features, in_features = check_base(x, weight, bias, out_features)
     block = _check_common(r, block, scaling, dist)
     check_b_layout(b_values, b_blocks, block)
     _check_tensor("b_values", b_values, x)
@@ -191,47 +195,18 @@ MULTI_GRAD_ERROR = (
 )
 
 
-def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters, out_features):
-    """``(adapters, row_adapters as a tuple of ints, tokens per row, out_features)`` of a
-    ``lori_linear_multi`` call (arguments in its order), once they are right; ``adapters`` as
-    given (specs or packed). A packed ``row_adapters`` tuple that has made a plan was checked
-    then (``PackedAdapters.planned``) and is not read again."""
-    from lori_kernels.multi import AdapterSpec, PackedAdapters
-
-    if weight is None or out_features is not None:
-        out_features, in_features = _check_adapter_only(x, weight, bias, out_features, min_dims=2)
-    else:
-        out_features, in_features = _check_base(x, weight, bias, min_dims=2)
-    packed = isinstance(adapters, PackedAdapters)
-    if packed:  # pack_adapters checked them: one dtype and device
-        specs = adapters.adapters
-        if adapters.out_features != out_features:
-            raise ValueError(
-                f"the adapters were packed for {adapters.out_features} outputs, the weight has {out_features}"
-            )
-        checked = [(k, specs[k]) for k in adapters.stored_a]
-        _check_tensor("adapters[0].b_values", specs[0].b_values, x)
-        requires_grad = adapters.requires_grad
-    elif isinstance(adapters, (list, tuple)) and adapters:
-        specs = adapters
-        for k, spec in enumerate(specs):
-            if not isinstance(spec, AdapterSpec):
-                raise TypeError(f"adapters[{k}] must be a lori_kernels.AdapterSpec, got {type(spec).__name__}")
-        checked = list(enumerate(specs))
-        requires_grad = any(spec.b_values.requires_grad for spec in specs)
-    else:
-        raise TypeError(
-            "adapters must be a non-empty list of lori_kernels.AdapterSpec or lori_kernels.pack_adapters(...)"
-        )
-    for k, spec in checked:
-        _check_tensor(f"adapters[{k}].b_values", spec.b_values, x)
-        if spec.a is not None:
-            _check_tensor(f"adapters[{k}].a", spec.a, x)
-            if tuple(spec.a.shape) != (spec.r, in_features):
-                raise ValueError(
-                    f"adapters[{k}].a must have shape [r, in] = [{spec.r}, {in_features}], got {list(spec.a.shape)}"
-                )
-    if torch.is_grad_enabled() and (x.requires_grad or requires_grad):
+def check_lori_linear_multi_args(x, in_features: int, out_features: int, row_adapters, packed):
+    """``(row_adapters as a tuple, tokens per row)`` of a ``lori_linear_multi`` call over checked
+    ``x`` (``check_base``) and ``packed`` adapters, once they are right. The adapter index of
+    each row is checked when the row layout makes its plan (``PackedAdapters.plan``)."""
+    if packed.out_features != out_features:
+        raise ValueError(f"the adapters were packed for {packed.out_features} outputs, the weight has {out_features}")
+    _check_tensor("adapters[0].b_values", packed.adapters[0].b_values, x)  # pack_adapters: one dtype and device
+    for k in packed.stored_a:
+        a, r = packed.adapters[k].a, packed.adapters[k].r
+        if tuple(a.shape) != (r, in_features):
+            raise ValueError(f"adapters[{k}].a must have shape [r, in] = [{r}, {in_features}], got {list(a.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or packed.requires_grad):
         raise RuntimeError(MULTI_GRAD_ERROR)
     if isinstance(row_adapters, torch.Tensor):
         if row_adapters.is_floating_point() or row_adapters.is_complex() or row_adapters.dim() != 1:
@@ -242,10 +217,7 @@ def check_lori_linear_multi_args(x, weight, bias, row_adapters, adapters, out_fe
     rows = tuple(row_adapters)
     if len(rows) != x.shape[0]:
         raise ValueError(f"row_adapters has {len(rows)} entries but x has {x.shape[0]} rows (its first dimension)")
-    tokens = math.prod(x.shape[1:-1]) if x.shape[0] else 0
-    if not (packed and adapters.planned(rows, tokens)):
-        check_row_adapters(rows, len(specs))
-    return adapters, rows, tokens, out_features
+    return rows, math.prod(x.shape[1:-1]) if x.shape[0] else 0
 
 
 def check_row_adapters(rows: tuple, n_adapters: int) -> None:

@@ -14,11 +14,10 @@ expand adds ``scaling_s * h @ B_s.T`` into each segment's rows of ``y``:
 - ``pack_adapters``: adapters grouped, their B concatenated per expand (``PackedAdapters``),
   once for many calls;
 - ``RowPlan`` (``PackedAdapters.plan``): which rows each group and segment holds, computed on
-  the host from the rows' adapter indices (checked once, when the plan is made) and cached per
-  batch layout;
-- ``forward``: the composition over one backend's kernels (its ``expand_segments_``, or its
-  ``expand_`` once per segment, ``reference.expand_per_segment_``, for kernel sets without one).
-  Where the backend's shrink multiplies by a generated A with torch's matmul (its kernel set's
+  the host from the rows' adapter indices (checked when the plan is made) and cached per batch
+  layout;
+- ``forward``: the composition over one backend's kernels (its ``shrink`` and
+  ``expand_segments_``). Where the backend's shrink multiplies by a generated A with torch's matmul (its kernel set's
   ``matmul_shrink_on``: the reference's, the extension's on the CPU), the pack keeps each
   group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
 """
@@ -31,11 +30,10 @@ from typing import NamedTuple
 
 import torch
 
-from lori_kernels import reference, rng
+from lori_kernels import checks, reference, rng
 from lori_kernels.backends import LayerKernels
 from lori_kernels.block_index import block_index
 from lori_kernels.block_sparse import block_grid, check_b_blocks, check_b_layout, check_block
-from lori_kernels.checks import check_row_adapters
 
 __all__ = ["AdapterSpec", "PackedAdapters", "RowPlan", "Span", "forward", "pack_adapters"]
 
@@ -57,15 +55,13 @@ class AdapterSpec(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ExpandSet:
-    """The adapters of a shrink group that share a block shape: each one's own ``(b_values,
-    b_blocks, scaling)`` in ``parts``; their B concatenated (``b_values`` [sum nnz, bo, br],
-    ``b_blocks``) and, per adapter (segment) ``s``, ``row_ptr[s]`` (int32 [n_block_rows + 1],
-    the CSR view of its blocks as offsets into the concatenation) and ``scaling[s]``
-    (float32), for a segmented expand kernel."""
+    """The adapters of a shrink group that share a block shape: their B concatenated
+    (``b_values`` [sum nnz, bo, br], ``b_blocks``) and, per adapter (segment) ``s``,
+    ``row_ptr[s]`` (int32 [n_block_rows + 1], the CSR view of its blocks as offsets into the
+    concatenation) and ``scaling[s]`` (float32), for a segmented expand kernel."""
 
     adapters: tuple[int, ...]  # indices into the packed adapters, in segment order
     block: tuple[int, int]
-    parts: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
     b_values: torch.Tensor
     b_blocks: torch.Tensor
     row_ptr: torch.Tensor
@@ -85,12 +81,11 @@ class ShrinkGroup:
 
 class Span(NamedTuple):
     """An expand set's rows within its shrink group's: ``start:end``, cut into one segment per
-    adapter of ``counts`` rows (host ints) and by ``seg_ptr`` (int32 [S + 1] on the device,
-    relative to ``start``); ``longest``: the largest segment's row count (a launch grid)."""
+    adapter by ``seg_ptr`` (int32 [S + 1] on the device, relative to ``start``); ``longest``:
+    the largest segment's row count (a launch grid)."""
 
     start: int
     end: int
-    counts: tuple[int, ...]
     seg_ptr: torch.Tensor
     longest: int
 
@@ -123,19 +118,15 @@ class PackedAdapters:
     def plan(self, row_adapters: tuple[int, ...], tokens_per_row: int) -> RowPlan:
         """The ``RowPlan`` of a batch whose row ``i`` (``tokens_per_row`` rows of the flattened
         ``x``) runs adapter ``row_adapters[i]`` (-1: none); computed on the host, cached.
-        ``row_adapters`` is checked when its plan is made (a refused one makes none)."""
+        ``row_adapters`` is checked unless it is the very tuple that made the cached plan (an
+        equal one may hold other values: ``1.0 == 1``); a refused one makes no plan."""
         key = (row_adapters, tokens_per_row)
         made = self._plans.get(key)
+        if made is None or made[0] is not row_adapters:
+            checks.check_row_adapters(row_adapters, len(self.adapters))
         if made is None:
-            check_row_adapters(row_adapters, len(self.adapters))
             made = self._plans[key] = (row_adapters, self._make_plan(row_adapters, tokens_per_row))
         return made[1]
-
-    def planned(self, row_adapters: tuple[int, ...], tokens_per_row: int) -> bool:
-        """Whether this very ``row_adapters`` tuple (not just an equal one: ``1.0 == 1``) made a
-        cached plan, so that it was checked then."""
-        made = self._plans.get((row_adapters, tokens_per_row))
-        return made is not None and made[0] is row_adapters
 
     def a(self, g: int, in_features: int, dtype: torch.dtype, generate_a) -> torch.Tensor:
         """Seed group ``g``'s A ``[r, in_features]`` in ``dtype`` on the pack's device: made by
@@ -166,7 +157,7 @@ class PackedAdapters:
                 start = len(rows)
                 rows.extend(i for a in s.adapters for i in batch_rows[a])
                 end = len(rows) * tokens_per_row
-                spans.append(Span(start * tokens_per_row, end, tuple(counts), seg_ptr.to(self.device), max(counts)))
+                spans.append(Span(start * tokens_per_row, end, seg_ptr.to(self.device), max(counts)))
             token_rows = (torch.tensor(rows, dtype=torch.int64)[:, None] * tokens_per_row + tokens).reshape(-1)
             groups.append((token_rows.to(self.device), tuple(spans)))
         return RowPlan(tuple(groups))
@@ -177,9 +168,9 @@ def pack_adapters(adapters: Sequence[AdapterSpec], out_features: int) -> PackedA
     once here: in range, sorted, unique) and group them for ``lori_linear_multi``: one shrink
     per ``(seed, r, dist)`` (or stored A), one segmented expand per block shape in it. Pack once
     and reuse for the calls of many batches: concatenating B costs a copy."""
+    if not isinstance(adapters, (list, tuple)) or isinstance(adapters, AdapterSpec) or not adapters:
+        raise TypeError("adapters must be a non-empty list of lori_kernels.AdapterSpec")
     adapters = tuple(adapters)
-    if not adapters:
-        raise ValueError("pack_adapters needs at least one adapter")
     first = adapters[0].b_values
     keys: dict[tuple, dict[tuple[int, int], list[int]]] = {}
     for k, spec in enumerate(adapters):
@@ -221,7 +212,6 @@ def _expand_set(adapters, members: tuple[int, ...], block, out_features: int) ->
     return ExpandSet(
         adapters=members,
         block=block,
-        parts=tuple((p.b_values, p.b_blocks, float(p.scaling)) for p in parts),
         b_values=parts[0].b_values.contiguous() if one else torch.cat([p.b_values for p in parts]),
         b_blocks=parts[0].b_blocks.contiguous() if one else torch.cat([p.b_blocks for p in parts]),
         row_ptr=torch.stack(row_ptrs).contiguous(),
@@ -258,10 +248,7 @@ def forward(
                 continue
             part = slice(span.start, span.end)
             h_s, rows_s = (h, rows) if len(spans) == 1 else (h[part], rows[part])  # one set: the group's rows
-            if kernels.expand_segments_ is None:
-                reference.expand_per_segment_(y, h_s, rows_s, span.counts, s.parts, expand_=kernels.expand_)
-            else:
-                kernels.expand_segments_(
-                    y, h_s, rows_s, span.seg_ptr, span.longest, s.b_values, s.b_blocks, s.row_ptr, s.scaling
-                )
+            kernels.expand_segments_(
+                y, h_s, rows_s, span.seg_ptr, span.longest, s.b_values, s.b_blocks, s.row_ptr, s.scaling
+            )
     return y

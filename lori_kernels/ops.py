@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lori_kernels import backends, fused, multi, rng
-from lori_kernels.checks import check_delta_weight_args, check_lori_linear_args, check_lori_linear_multi_args
+from lori_kernels import backends, checks, fused, multi, rng
 from lori_kernels.multi import AdapterSpec, PackedAdapters
 
 __all__ = ["delta_weight", "generate_a", "lori_linear", "lori_linear_multi"]
@@ -56,7 +55,7 @@ def lori_linear(
     then starts from zeros ([M, out] written once more than with a weight).
     """
     x, weight, bias, b_values, a = _autocast(x, weight, bias, b_values, a)
-    spec = check_lori_linear_args(
+    spec = checks.check_lori_linear_args(
         x, weight, bias, seed, b_values, b_blocks, r, block, scaling, dist, dropout_p, dropout_seed, a, out_features
     )
     layer = fused.LAYERS[backends.resolve(backend, "lori_linear", x.device, x.dtype)]
@@ -100,11 +99,9 @@ def lori_linear_multi(
     require grad under grad mode (run it under ``torch.no_grad()``). ``weight=None``, ``bias=None``
     and ``out_features``: the adapters' part alone, as ``lori_linear`` without a weight.
     """
-    packed, rows, tokens, out_features = check_lori_linear_multi_args(
-        x, weight, bias, row_adapters, adapters, out_features
-    )
-    if not isinstance(packed, PackedAdapters):
-        packed = multi.pack_adapters(packed, out_features)
+    out_features, in_features = checks.check_base(x, weight, bias, out_features, min_dims=2)
+    packed = adapters if isinstance(adapters, PackedAdapters) else multi.pack_adapters(adapters, out_features)
+    rows, tokens = checks.check_lori_linear_multi_args(x, in_features, out_features, row_adapters, packed)
     name = backends.resolve(backend, "lori_linear_multi", x.device, x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     plan = packed.plan(rows, tokens)
@@ -159,7 +156,7 @@ def delta_weight(
     (``seed`` then None). ``columns`` (a slice of step 1) bounds the memory: a large layer
     folds a slab of columns at a time.
     """
-    seed, cols = check_delta_weight_args(
+    seed, cols = checks.check_delta_weight_args(
         seed, b_values, b_blocks, out_features, in_features, r, scaling, dist, a, columns
     )
     device = b_values.device

@@ -65,28 +65,16 @@ def expand_ref_(y, h, b_values, b_blocks, scaling):
     y.add_((h @ scatter_blocks(b_values, b_blocks, y.shape[1], h.shape[1]).t()) * scaling)
 
 
-def expand_per_segment_(y, h, rows, counts, parts, expand_=expand_ref_):
-    """``y[rows[i]] += s_k * h[i] @ B_k.T`` in place for consecutive segments of ``counts[k]``
-    rows of ``h``, ``parts[k] = (b_values, b_blocks, s_k)``: one ``expand_`` (this backend's, or
-    the one given) per segment into a zero tile, added at the segment's rows. How the backends
-    without a segmented expand kernel run mixed batches."""
-    start = 0
-    for count, (b_values, b_blocks, scaling) in zip(counts, parts, strict=True):
-        if count and b_values.shape[0]:
-            tile = y.new_zeros(count, y.shape[1])
-            expand_(tile, h[start : start + count], b_values, b_blocks, scaling)
-            y.index_add_(0, rows[start : start + count], tile)
-        start += count
-
-
 def expand_segments_ref_(y, h, rows, seg_ptr, longest, b_values, b_blocks, row_ptr, scaling):
     """``y[rows[i]] += scaling[s] * h[i] @ B_s.T`` in place for the rows ``i`` of each segment
     ``s`` (``seg_ptr[s]:seg_ptr[s+1]``), B_s the blocks ``row_ptr[s, 0]:row_ptr[s, -1]`` of the
-    concatenated ``b_values`` / ``b_blocks``: the Triton kernel's twin, over
-    ``expand_per_segment_``. ``longest`` (the largest segment) sizes a kernel's launch; unused."""
-    bounds, blocks = seg_ptr.tolist(), row_ptr[:, [0, -1]].tolist()
-    parts = [(b_values[lo:hi], b_blocks[lo:hi], s) for (lo, hi), s in zip(blocks, scaling.tolist(), strict=True)]
-    expand_per_segment_(y, h, rows, [hi - lo for lo, hi in itertools.pairwise(bounds)], parts)
+    concatenated ``b_values`` / ``b_blocks``: the segmented expand kernels' twin, one dense
+    product per segment. ``longest`` (the largest segment) sizes a kernel's launch; unused."""
+    segments, blocks = itertools.pairwise(seg_ptr.tolist()), row_ptr[:, [0, -1]].tolist()
+    for (start, end), (lo, hi), s in zip(segments, blocks, scaling.tolist(), strict=True):
+        if end > start and hi > lo:
+            b = scatter_blocks(b_values[lo:hi], b_blocks[lo:hi], y.shape[1], h.shape[1])
+            y.index_add_(0, rows[start:end], (h[start:end] @ b.t()) * s)
 
 
 def expand_backward_ref(dy, b_values, b_blocks, r, scaling):
@@ -106,5 +94,6 @@ KERNELS = LayerKernels(
     expand_backward_ref,
     sddmm_ref,
     rng.generate_a_tile,
+    expand_segments_ref_,
     matmul_shrink_on=None,
 )

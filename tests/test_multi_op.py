@@ -181,7 +181,7 @@ def segmented_expand_args(device, dtype) -> dict:
 @pytest.mark.parametrize("backend", ["cpu_ext", "cuda_ext", "triton"])
 def test_segmented_expand_matches_its_twin(backend, dtype):
     """Each backend's one-launch segmented expand against ``reference.expand_segments_ref_``
-    (``expand_`` per segment) in float64, its error earned against the twin's in ``dtype``;
+    (a dense product per segment) in float64, its error earned against the twin's in ``dtype``;
     rows of ``y`` outside the segments with blocks stay as they were."""
     backend_or_skip(backend)
     device = "cpu" if backend == "cpu_ext" or not torch.cuda.is_available() else "cuda"
@@ -246,6 +246,9 @@ def test_refusals():
         lori_kernels.lori_linear_multi(x, weight[:8], bias[:8], [0, 1, -1], lori_kernels.pack_adapters(specs, OUT))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         lori_kernels.lori_linear_multi(x[0], weight, bias, [0], specs)
+    for wrong in (specs[0], []):
+        with pytest.raises(TypeError, match="adapters must be a non-empty list of lori_kernels.AdapterSpec"):
+            lori_kernels.lori_linear_multi(x, weight, bias, [0, 0, -1], wrong)
 
 
 def test_row_adapters_checked_once_per_plan(monkeypatch):
