@@ -161,35 +161,23 @@ class FusedLayer:
         return tuple(_gradients(ctx, dy, self.backward_op))
 
 
-# The forward op's arguments by name (its inputs, and the gradients returned for them).
+# The ops' arguments by name (for the forward op: its inputs, and the gradients returned for them).
 Inputs = collections.namedtuple("Inputs", list(inspect.signature(FusedLayer.forward).parameters)[1:], defaults=[None])
+BackwardInputs = collections.namedtuple(
+    "BackwardInputs", list(inspect.signature(FusedLayer.backward).parameters)[1:], defaults=[None]
+)
 _NO_GRADIENTS = Inputs(*[None] * len(Inputs._fields))
 
 
-def _forward_fake(
-    x, weight, bias, b_values, b_blocks, seed, r, out_features, scaling, dist, dropout_p, dropout_seed, a=None
-):
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], r)
+def _forward_fake(*args):
+    i = Inputs(*args)
+    return i.x.new_empty(i.x.shape[0], i.out_features), i.x.new_empty(i.x.shape[0], i.r)
 
 
-def _backward_fake(
-    dy,
-    h,
-    weight,
-    b_values,
-    b_blocks,
-    in_features,
-    seed,
-    scaling,
-    dist,
-    dropout_p,
-    dropout_seed,
-    need_dx,
-    need_db,
-    a=None,
-):
-    dx = dy.new_empty(dy.shape[0], in_features) if need_dx else dy.new_empty(0)
-    return dx, b_values.new_empty(b_values.shape) if need_db else dy.new_empty(0)
+def _backward_fake(*args):
+    i = BackwardInputs(*args)
+    dx = i.dy.new_empty(i.dy.shape[0], i.in_features) if i.need_dx else i.dy.new_empty(0)
+    return dx, i.b_values.new_empty(i.b_values.shape) if i.need_db else i.dy.new_empty(0)
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
