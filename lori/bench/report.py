@@ -46,8 +46,9 @@ def _impls(rows: list[dict]) -> list[str]:
     )
 
 
-def _mb(n) -> str:
-    return f"{n / 1e6:.1f}" if n >= 1e5 else f"{n / 1e6:.3f}"
+def _megabytes(n: int) -> str:
+    """Three significant digits, no exponent."""
+    return f"{n / 1e6:,.3g}" if n < 1e9 else f"{n / 1e6:,.0f}"
 
 
 def _case_key(row: dict) -> tuple:
@@ -166,10 +167,10 @@ def memory_markdown(layer: list[dict], model: list[dict]) -> str:
                     r["variant"],
                     f"{r['dropout']:g}",
                     f"{r['trainable_params']:,}",
-                    _mb(state) + (f" ({state / ref_state:.0%})" if ref_state else ""),
-                    _mb(r["saved_bytes"]),
-                    _mb(r["peak_bytes"]),
-                    _mb(r["peak_bytes"] - r["model_bytes"]),
+                    _megabytes(state) + (f" ({state / ref_state:.0%})" if ref_state else ""),
+                    _megabytes(r["saved_bytes"]),
+                    _megabytes(r["peak_bytes"]),
+                    _megabytes(r["peak_bytes"] - r["model_bytes"]),
                 ]
             )
         header = ["variant", "dropout", "trainable params", "params + grads + AdamW (% of PEFT)", "saved activations"]
@@ -189,7 +190,7 @@ def loss_memory_markdown(rows: list[dict]) -> str:
     table = [
         [
             "full logits" if r["loss_chunk_tokens"] == 0 else f"chunks of {r['loss_chunk_tokens']} tokens",
-            _mb(r["peak_bytes"]),
+            _megabytes(r["peak_bytes"]),
             f"{full / r['peak_bytes']:.1f}x" if full else "-",
         ]
         for r in rows
@@ -211,8 +212,8 @@ def quantized_memory_markdown(rows: list[dict]) -> str:
     table = [
         [
             r["base"],
-            _mb(r["model_bytes"]),
-            _mb(r["peak_bytes"]),
+            _megabytes(r["model_bytes"]),
+            _megabytes(r["peak_bytes"]),
             f"{r['peak_bytes'] / plain['peak_bytes']:.2f}x" if plain["peak_bytes"] else "-",
         ]
         for r in rows
@@ -355,11 +356,6 @@ def serving_markdown(rows: list[dict]) -> str:
             )
     header = ["phase", "N", "LoRI forward / base", "LoRI adapter path (ms)", "PEFT forward / base"]
     return intro + "\n" + _table(header + ["PEFT adapter path (ms)", "PEFT / LoRI adapter path"], table)
-
-
-def _megabytes(n: int) -> str:
-    """Three significant digits, no exponent."""
-    return f"{n / 1e6:,.3g}" if n < 1e9 else f"{n / 1e6:,.0f}"
 
 
 def serving_memory_markdown(rows: list[dict]) -> str:
