@@ -10,6 +10,7 @@ the blocks are made or loaded, and by the reference backend on every eager call.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +223,7 @@ def check_lori_linear_multi_args(x, in_features: int, out_features: int, row_ada
 
 def check_row_adapters(rows: tuple, n_adapters: int) -> None:
     """Refuse ``rows`` unless each is an adapter index in ``[0, n_adapters)`` or -1 (the base)."""
-    bad = [a for a in rows if not isinstance(a, int) or not -1 <= a < n_adapters]
+    bad = [a for a in rows if not isinstance(a, numbers.Integral) or isinstance(a, bool) or not -1 <= a < n_adapters]
     if bad:
         raise ValueError(
             f"row_adapters must hold adapter indices in [0, {n_adapters}) or -1 (the base), got {bad[0]!r}"

@@ -2,6 +2,7 @@
 every backend; one shrink per seed group; each backend's segmented expand against its torch twin,
 and the extension's ``lori::expand_segments_`` under opcheck and refusing wrong arguments."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_error_earned, make_layer
@@ -270,5 +271,9 @@ def test_row_adapters_checked_once_per_plan(monkeypatch):
     assert calls == [(0, 2, -1), (0, 2, -1), good]
     with pytest.raises(ValueError, match=r"got 1\.0"):
         lori_kernels.lori_linear_multi(x, weight, bias, (0, 1.0, -1), packed)
+    with pytest.raises(ValueError, match=r"got True"):
+        lori_kernels.lori_linear_multi(x, weight, bias, (0, True, -1), packed)
     with pytest.raises(ValueError, match=r"got -2"):
         packed.plan((0, -2, -1), 1)  # a plan made directly checks its rows too
+    y = lori_kernels.lori_linear_multi(x, weight, bias, tuple(np.array(good)), packed)  # numpy's ints are indices
+    assert torch.equal(y, lori_kernels.lori_linear_multi(x, weight, bias, good, packed))
