@@ -517,13 +517,7 @@ def read_lori(path: str | Path) -> LoRICheckpoint:
     config_file, tensors_file = path / CONFIG_FILE, path / TENSORS_FILE
     manifest = read_json(config_file, "LoRI adapter")
     config = _check_manifest(manifest, config_file)
-    data = _read_bytes(tensors_file, "LoRI adapter")
-    if hashlib.sha256(data).hexdigest() != manifest["adapter_sha256"]:
-        raise CheckpointError(f"{tensors_file} does not match the checksum in {CONFIG_FILE}: truncated or corrupted")
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{tensors_file} is not a readable safetensors file: {e}") from None
+    data, tensors = read_tensors(tensors_file, manifest["adapter_sha256"], config_file, "LoRI adapter")
     check_binding(data, {k: v for k, v in manifest.items() if k != "adapter_sha256"}, tensors_file, config_file)
     layers, stored_info = manifest["layers"], _stored_entries(manifest)
     if not layers:
@@ -553,13 +547,22 @@ def read_lori(path: str | Path) -> LoRICheckpoint:
     return LoRICheckpoint(manifest, per_layer, stored)
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
+def read_tensors(path: Path, sha256: str, manifest_file: Path, what: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The bytes and tensors of the safetensors file ``path`` of a ``what`` whose manifest
+    ``manifest_file`` holds its ``sha256``; a missing, unreadable, truncated or corrupted file
+    raises a ``CheckpointError`` that names it."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent} is not a {what}: {path.name} is missing") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(f"{path} does not match the checksum in {manifest_file.name}: truncated or corrupted")
+    try:
+        return data, load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def check_binding(data: bytes, manifest: dict, tensors_file: Path, manifest_file: Path) -> None:

@@ -380,6 +380,11 @@ def test_resume_checks_the_process_count_and_the_checkpoint_files(world, tmp_pat
         with pytest.raises(lori.CheckpointError, match=message):
             train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5, resume=True))
         (step4 / name).write_bytes(original)
+    optimizer = (step4 / "optimizer.safetensors").read_bytes()
+    (step4 / "optimizer.safetensors").unlink()
+    with pytest.raises(lori.CheckpointError, match="is not a training checkpoint: optimizer.safetensors is missing"):
+        train(config(world, out, save_every=2, keep_checkpoints=5, max_steps=5, resume=True))
+    (step4 / "optimizer.safetensors").write_bytes(optimizer)
     for name in ("lori_config.json", "adapter.safetensors"):  # another checkpoint's adapter
         shutil.copy(out / "checkpoints" / "step-0000002" / name, step4 / name)
     with pytest.raises(lori.CheckpointError, match="the adapter files are not the ones trainer_state.json was saved"):

@@ -10,10 +10,17 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from safetensors.torch import save_file
 
-from lori.checkpoint import ADAPTER_FILES, BINDING_KEY, CONFIG_FILE, AdapterSnapshot, check_binding, load_lori
+from lori.checkpoint import (
+    ADAPTER_FILES,
+    BINDING_KEY,
+    CONFIG_FILE,
+    AdapterSnapshot,
+    check_binding,
+    load_lori,
+    read_tensors,
+)
 from lori.digests import json_digest, safetensors_metadata
 from lori.errors import CheckpointError, OutputError
 from lori.files import check_output_dir, read_json, recover, remove_written, write_directory
@@ -145,16 +152,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key, kind in _STATE_KINDS.items():
         if type(state.get(key)) is not kind:
             raise CheckpointError(f"{state_file}: {key!r} is missing or not a {kind.__name__}")
-    try:
-        data = optimizer_file.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {optimizer_file}: {e.strerror or e}") from None
-    if hashlib.sha256(data).hexdigest() != state["optimizer_sha256"]:
-        raise CheckpointError(f"{optimizer_file} does not match the checksum in {STATE_FILE}: truncated or corrupted")
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{optimizer_file} is not a readable safetensors file: {e}") from None
+    data, tensors = read_tensors(optimizer_file, state["optimizer_sha256"], state_file, "training checkpoint")
     unknown = sorted(k for k in tensors if "/" not in k or k.rsplit("/", 1)[1] not in _ADAMW_STATE)
     if unknown:
         raise CheckpointError(f"{optimizer_file} holds {unknown[:3]}, which are not AdamW state")
