@@ -17,9 +17,9 @@ expand adds ``scaling_s * h @ B_s.T`` into each segment's rows of ``y``:
   the host from the rows' adapter indices (checked when the plan is made) and cached per batch
   layout;
 - ``forward``: the composition over one backend's kernels (its ``shrink`` and
-  ``expand_segments_``). Where the backend's shrink multiplies by a generated A with torch's matmul (its kernel set's
-  ``matmul_shrink_on``: the reference's, the extension's on the CPU), the pack keeps each
-  group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
+  ``expand_segments_``). Where the backend's shrink multiplies by a generated A with torch's
+  matmul (its kernel set's ``matmul_shrink_on``: the reference's, the extension's on the CPU),
+  the pack keeps each group's A (``PackedAdapters.a``) and the shrink is that matmul alone.
 """
 
 from __future__ import annotations
