@@ -157,8 +157,12 @@ def check_lori_linear_args(
         scaling=float(scaling),
         dist=dist,
         dropout_p=float(dropout_p),
-        dropout_seed=_dropout_seed_tensor(dropout_seed if dropout_p > 0 else 0),
+        dropout_seed=_dropout_seed_tensor(dropout_seed) if dropout_p > 0 else _NO_DROPOUT_SEED,
     )
+
+
+# The dropout seed of every call without dropout (never read): one tensor, not one per call.
+_NO_DROPOUT_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def _dropout_seed_tensor(dropout_seed) -> torch.Tensor:
