@@ -1,18 +1,29 @@
+#include <algorithm>
+#include <vector>
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "generate_a.h"
+#include "philox_cpu.h"
 
 namespace lori {
 
 at::Tensor a_tile_cpu(uint64_t seed, const ATile& tile) {
   at::Tensor out = at::empty({tile.rows, tile.cols}, at::TensorOptions().dtype(at::kFloat));
   float* data = out.data_ptr<float>();
-  const int64_t quads = tile.quads_per_row();
-  at::parallel_for(0, tile.rows * quads, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      fill_a_quad(data, seed, tile, t / quads, t % quads);
+  const int64_t rows_per_task = std::max<int64_t>(1, 8192 / std::max<int64_t>(tile.cols, 1));
+  at::parallel_for(0, tile.rows, rows_per_task, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> words(tile.cols);
+    for (int64_t j = begin; j < end; ++j) {
+      const uint64_t start = static_cast<uint64_t>(tile.row0 + j) * static_cast<uint64_t>(tile.d_in) +
+                             static_cast<uint64_t>(tile.col0);
+      random_words_cpu(seed, kStreamA, start, tile.cols, words.data());
+      float* row = data + j * tile.cols;
+      for (int64_t c = 0; c < tile.cols; ++c) {
+        row[c] = word_to_a(words[c], tile.bound, tile.dist);
+      }
     }
   });
   return out;

@@ -1,8 +1,10 @@
 // The A side of the LoRI layer on the CPU: A [r, in] is generated once per call (LoRI-RNG,
 // parallel) in the compute dtype and multiplied with the BLAS; the dropout mask is
-// generated row by row, fused with the masking.
+// generated row by row (random_words_cpu), then applied.
 //   shrink           h = (x * D) @ A.T
 //   shrink_backward  (g @ A) * D
+#include <vector>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
@@ -11,6 +13,7 @@
 
 #include "generate_a.h"
 #include "layer_checks.h"
+#include "philox_cpu.h"
 
 namespace lori {
 namespace {
@@ -28,13 +31,15 @@ void apply_dropout(const at::Tensor& src, at::Tensor& dst, uint64_t seed, float 
     scalar_t* out = dst.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
                      [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> words(cols);
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* in_row = in + m * cols;
         scalar_t* out_row = out + m * cols;
-        for_each_word(seed, kStreamDropout, static_cast<uint64_t>(m) * cols, cols,
-                      [&](int64_t c, uint32_t w) {
-          out_row[c] = static_cast<scalar_t>(word_keeps(w, p32) ? static_cast<float>(in_row[c]) * factor : 0.0f);
-        });
+        random_words_cpu(seed, kStreamDropout, static_cast<uint64_t>(m) * cols, cols, words.data());
+        for (int64_t c = 0; c < cols; ++c) {
+          out_row[c] =
+              static_cast<scalar_t>(word_keeps(words[c], p32) ? static_cast<float>(in_row[c]) * factor : 0.0f);
+        }
       }
     });
   });

@@ -39,8 +39,9 @@ def test_matches_torch_rng_on_random_tiles(ext, device, dist):
 
 @pytest.mark.parametrize("device", devices())
 def test_flat_indices_past_2_32_and_2_63(ext, device):
-    """Rows far down a wide A: flat indices >= 2^32 (counter word c1) and >= 2^63."""
-    for d_in, row0 in [(2**20 + 3, 4097), (2**31 - 1, 2**32 + 5)]:
+    """Rows far down a wide A: flat indices >= 2^32 (counter word c1) and >= 2^63, and a row
+    across flat index 2^34, where the quad counter's low word wraps inside a batch of calls."""
+    for d_in, row0 in [(2**20 + 3, 4097), (2**31 - 1, 2**32 + 5), (2000, 8589934)]:
         seed = 2**63 + 977
         got = ext_tile(ext, seed, d_in, row0, 2, d_in - 1001, 1001, "uniform", device)
         want = rng.generate_a_tile(seed, d_in, row0, 2, d_in - 1001, 1001, device=device)

@@ -29,8 +29,8 @@ at the kept blocks) are checked against the reference backend's.
 GPU: Llama-3-8B projections (in × out 4096 × 4096, 4096 × 1024, 4096 × 14336, 14336 × 4096),
 bf16. CPU: the same shapes / 4, float32 and bfloat16. By default a star around a centre case
 (GPU: 4096 × 14336, M 8192; CPU: 1024 × 1024, M 1024; r 32, sparsity 0.9): every shape at
-sparsity 0 and 0.9, then sparsity 0 / 0.5 / 0.9 / 0.99, r 16 / 32 / 64, M and dtype, one at
-a time. ``full=True`` runs every combination instead.
+sparsity 0 and 0.9, then sparsity 0 / 0.5 / 0.9 / 0.99, r 16 / 32 / 64, M (1, one decoded
+token, where the host's cost of a call dominates, then 256 to 8192) and dtype, one at a time. ``full=True`` runs every combination instead.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def grid(device_type: str, *, quick: bool = False, full: bool = False) -> list[S
         return [QUICK_SHAPE]
     gpu = device_type == "cuda"
     shapes = LLAMA3_8B_PROJECTIONS if gpu else [(i // 4, o // 4) for i, o in LLAMA3_8B_PROJECTIONS]
-    tokens = (1024, 4096, 8192) if gpu else (256, 1024, 4096)
+    # M 1 is one decoded token: the host's cost of a call (checks, dispatch, launches) dominates.
+    tokens = (1, 1024, 4096, 8192) if gpu else (1, 256, 1024, 4096)
     dtypes = (torch.bfloat16,) if gpu else (torch.float32, torch.bfloat16)
     ranks, sparsities = (16, 32, 64), (0.0, 0.5, 0.9, 0.99)
     if full:
