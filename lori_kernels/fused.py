@@ -26,9 +26,9 @@ activations); A and the dropout mask D are regenerated from their seeds, so
 exactly. The dropout seed reaches the ops as a one-element int64 tensor, read inside them: a
 seed that changes every step (``LoRILinear``'s count of forwards) costs ``torch.compile`` no
 guard and no recompilation. ``torch.compile`` traces the custom ops; eagerly the same
-``forward`` and ``backward`` run under ``EagerLayer``, a plain ``torch.autograd.Function``
-(no custom-op dispatch: about 0.3 ms less per layer on a CPU). Differentiating the layer's
-backward raises ``DOUBLE_BACKWARD_ERROR``.
+forward (``layer_forward``) and ``backward`` run under ``EagerLayer``, a plain
+``torch.autograd.Function`` (no custom-op dispatch: about 0.3 ms less per layer on a CPU).
+Differentiating the layer's backward raises ``DOUBLE_BACKWARD_ERROR``.
 """
 
 import collections
@@ -97,29 +97,9 @@ class FusedLayer:
         y, _ = run(*args, spec.scaling, spec.dist, spec.dropout_p, spec.dropout_seed, a)
         return y.reshape(*x.shape[:-1], spec.out_features)
 
-    def forward(
-        self, x, weight, bias, b_values, b_blocks, seed, r, out_features, scaling, dist, dropout_p, dropout_seed, a=None
-    ):
-        """``(y, h)`` for a 2-D contiguous ``x`` [M, in]; without a ``weight``, the adapter's
-        part alone (``y`` starts from zeros)."""
-        kernels, dropout_seed = self.kernels, int(dropout_seed)
-        sparse = reads_x_once(x.shape[1], out_features, *b_values.shape[:2])
-        if a is None and weight is not None and kernels.linear_shrink is not None and sparse:
-            y, h = kernels.linear_shrink(x, weight, bias, seed, r, dist, dropout_p, dropout_seed)
-            kernels.expand_(y, h, b_values, b_blocks, scaling)
-            return y, h
-        if a is None:
-            h = kernels.shrink(x, seed, r, dist, dropout_p, dropout_seed)
-        else:
-            h = reference.shrink_a_ref(x, a, dropout_p, dropout_seed)
-        if weight is None:
-            y = x.new_zeros(x.shape[0], out_features)
-        elif kernels.linear_expand is not None:
-            return kernels.linear_expand(x, weight, bias, h, b_values, b_blocks, scaling), h
-        else:
-            y = torch.nn.functional.linear(x, weight, bias)
-        kernels.expand_(y, h, b_values, b_blocks, scaling)
-        return y, h
+    def forward(self, *inputs, **named):
+        """``(y, h)``: ``layer_forward`` over this layer's kernels (the ``forward`` op's body)."""
+        return layer_forward(None, self, *inputs, **named)
 
     def backward(
         self,
@@ -161,8 +141,52 @@ class FusedLayer:
         return tuple(_gradients(ctx, dy, self.backward_op))
 
 
+def layer_forward(
+    ctx,
+    layer,
+    x,
+    weight,
+    bias,
+    b_values,
+    b_blocks,
+    seed,
+    r,
+    out_features,
+    scaling,
+    dist,
+    dropout_p,
+    dropout_seed,
+    a=None,
+):
+    """``(y, h)`` for a 2-D contiguous ``x`` [M, in] over ``layer.kernels``; without a
+    ``weight``, the adapter's part alone (``y`` starts from zeros). ``ctx``: the eager
+    autograd.Function's context, which it saves for backward into (``EagerLayer.forward`` is
+    this function itself: no frame between them); None as the ``forward`` op's body, whose
+    autograd registration saves."""
+    kernels, mask_seed = layer.kernels, int(dropout_seed)
+    sparse = reads_x_once(x.shape[1], out_features, *b_values.shape[:2])
+    if a is None and weight is not None and kernels.linear_shrink is not None and sparse:
+        y, h = kernels.linear_shrink(x, weight, bias, seed, r, dist, dropout_p, mask_seed)
+        kernels.expand_(y, h, b_values, b_blocks, scaling)
+    else:
+        if a is None:
+            h = kernels.shrink(x, seed, r, dist, dropout_p, mask_seed)
+        else:
+            h = reference.shrink_a_ref(x, a, dropout_p, mask_seed)
+        if weight is not None and kernels.linear_expand is not None:
+            y = kernels.linear_expand(x, weight, bias, h, b_values, b_blocks, scaling)
+        else:
+            y = x.new_zeros(x.shape[0], out_features) if weight is None else torch.nn.functional.linear(x, weight, bias)
+            kernels.expand_(y, h, b_values, b_blocks, scaling)
+    if ctx is not None:
+        ctx.layer = layer
+        inputs = (x, weight, bias, b_values, b_blocks, seed, r, out_features, scaling, dist, dropout_p, dropout_seed, a)
+        _save_for_backward(ctx, inputs, (y, h))
+    return y, h
+
+
 # The ops' arguments by name (for the forward op: its inputs, and the gradients returned for them).
-Inputs = collections.namedtuple("Inputs", list(inspect.signature(FusedLayer.forward).parameters)[1:], defaults=[None])
+Inputs = collections.namedtuple("Inputs", list(inspect.signature(layer_forward).parameters)[2:], defaults=[None])
 BackwardInputs = collections.namedtuple(
     "BackwardInputs", list(inspect.signature(FusedLayer.backward).parameters)[1:], defaults=[None]
 )
@@ -202,18 +226,13 @@ def _refuse_double_backward(ctx, *grads):
 
 
 class EagerLayer(torch.autograd.Function):
-    """A ``FusedLayer`` in eager mode: its ``forward`` and ``backward`` under a plain
-    autograd.Function (no custom-op dispatch); the first input is the layer itself, then every
-    input of its ``forward`` in order. ``forward`` takes ``ctx`` itself (no ``setup_context``:
-    with one, torch binds the arguments to the signature by ``inspect`` on every call, about
-    80 µs)."""
+    """A ``FusedLayer`` in eager mode: its forward (``layer_forward``) and ``backward`` under a
+    plain autograd.Function (no custom-op dispatch); the first input is the layer itself, then
+    every input of its ``forward`` op in order. ``forward`` takes ``ctx`` itself: with a
+    ``setup_context`` instead, torch binds every call's arguments to the signature by
+    ``inspect`` (about 80 µs a call)."""
 
-    @staticmethod
-    def forward(ctx, layer, *inputs):
-        output = layer.forward(*inputs)
-        ctx.layer = layer
-        _save_for_backward(ctx, inputs, output)
-        return output
+    forward = staticmethod(layer_forward)
 
     @staticmethod
     def backward(ctx, dy, _dh):
