@@ -88,12 +88,20 @@ class FusedLayer:
         return self._load_kernels()
 
     def __call__(self, x, weight, bias, b_values, b_blocks, spec: LayerSpec, a=None) -> torch.Tensor:
-        """``y`` [..., out] of ``x`` [..., in] (any leading dimensions)."""
-        if self.checks_b_blocks and not torch.compiler.is_compiling():
+        """``y`` [..., out] of ``x`` [..., in] (any leading dimensions): the ``forward`` op
+        under ``torch.compile``; eagerly ``EagerLayer``, or ``layer_forward`` alone where
+        nothing is differentiated (no autograd node: inference)."""
+        compiling = torch.compiler.is_compiling()
+        if self.checks_b_blocks and not compiling:
             check_b_blocks(b_blocks, spec.out_features, spec.r, spec.block)
         x2 = x.reshape(-1, spec.in_features).contiguous()
         args = (x2, weight, bias, b_values.contiguous(), b_blocks.contiguous(), spec.seed, spec.r, spec.out_features)
-        run = self.forward_op if torch.compiler.is_compiling() else functools.partial(EagerLayer.apply, self)
+        if compiling:
+            run = self.forward_op
+        elif torch.is_grad_enabled() and (x.requires_grad or b_values.requires_grad):
+            run = functools.partial(EagerLayer.apply, self)
+        else:  # weight, bias and a stored A never require grad (checks.py)
+            run = functools.partial(layer_forward, None, self)
         y, _ = run(*args, spec.scaling, spec.dist, spec.dropout_p, spec.dropout_seed, a)
         return y.reshape(*x.shape[:-1], spec.out_features)
 

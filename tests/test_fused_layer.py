@@ -135,6 +135,26 @@ def test_eager_call_inspects_no_signature(backend, monkeypatch):
     run(layer, x, 16, (32, 16), dropout_p=0.2, backend=name).sum().backward()
 
 
+def test_inference_runs_no_autograd_function(backend, monkeypatch):
+    """Where nothing is differentiated (no grad mode, or no input that requires grad) an eager
+    call runs the composition alone, with the result of the autograd.Function's."""
+    from lori_kernels import fused
+
+    name, device = backend
+    layer = make_layer(64, 32, 16, (32, 16), keep=0.5, device=device)
+    x = torch.randn(8, 32, device=device)
+    trained = dict(layer, b_values=layer["b_values"].clone().requires_grad_())
+    want = run(trained, x, 16, (32, 16), backend=name).detach()
+
+    def refuse(*args):
+        raise AssertionError("an autograd.Function ran with nothing to differentiate")
+
+    monkeypatch.setattr(fused.EagerLayer, "apply", refuse)
+    with torch.no_grad():
+        assert torch.equal(run(trained, x, 16, (32, 16), backend=name), want)
+    assert torch.equal(run(layer, x, 16, (32, 16), backend=name), want)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_saves_only_h(backend, dropout_p):
     name, device = backend
