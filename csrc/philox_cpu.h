@@ -1,7 +1,7 @@
 // LoRI-RNG v1 words on the CPU, many Philox calls at once: the CPU kernels' generator of A
 // (generate_a_cpu.cpp) and of dropout masks (shrink_cpu.cpp). The same words as philox.h's
 // for_each_word, which makes one Philox call at a time; here kQuads consecutive calls run
-// side by side in structure-of-arrays form, so that the compiler puts them in vector lanes.
+// side by side, so that the compiler puts them in vector lanes.
 #pragma once
 
 #include <algorithm>
@@ -18,7 +18,7 @@ inline void random_words_cpu(uint64_t seed, uint32_t stream, uint64_t start, int
   const uint64_t q0 = start / 4;
   const int64_t skip = static_cast<int64_t>(start % 4);  // words of the first quad before `start`
   for (int64_t first = 0; 4 * first - skip < count; first += kQuads) {
-    uint32_t c0[kQuads], c1[kQuads], c2[kQuads], c3[kQuads];
+    uint32_t words[4 * kQuads];  // word `lane` of call i at 4 * i + lane
     const uint64_t base = q0 + static_cast<uint64_t>(first);
     const uint32_t lo = static_cast<uint32_t>(base), hi = static_cast<uint32_t>(base >> 32);
     for (int64_t i = 0; i < kQuads; ++i) {  // the calls side by side: vector lanes
@@ -37,17 +37,10 @@ inline void random_words_cpu(uint64_t seed, uint32_t stream, uint64_t start, int
         x1 = static_cast<uint32_t>(p1);
         x3 = static_cast<uint32_t>(p0);
       }
-      c0[i] = x0;
-      c1[i] = x1;
-      c2[i] = x2;
-      c3[i] = x3;
-    }
-    uint32_t words[4 * kQuads];
-    for (int64_t i = 0; i < kQuads; ++i) {
-      words[4 * i] = c0[i];
-      words[4 * i + 1] = c1[i];
-      words[4 * i + 2] = c2[i];
-      words[4 * i + 3] = c3[i];
+      words[4 * i] = x0;
+      words[4 * i + 1] = x1;
+      words[4 * i + 2] = x2;
+      words[4 * i + 3] = x3;
     }
     const int64_t from = std::max<int64_t>(0, skip - 4 * first);  // the first word of this batch to keep
     const int64_t to = std::min<int64_t>(4 * kQuads, count + skip - 4 * first);

@@ -30,7 +30,8 @@ GPU: Llama-3-8B projections (in × out 4096 × 4096, 4096 × 1024, 4096 × 14336
 bf16. CPU: the same shapes / 4, float32 and bfloat16. By default a star around a centre case
 (GPU: 4096 × 14336, M 8192; CPU: 1024 × 1024, M 1024; r 32, sparsity 0.9): every shape at
 sparsity 0 and 0.9, then sparsity 0 / 0.5 / 0.9 / 0.99, r 16 / 32 / 64, M (1, one decoded
-token, where the host's cost of a call dominates, then 256 to 8192) and dtype, one at a time. ``full=True`` runs every combination instead.
+token, where the host's cost of a call dominates, then 256 to 8192) and dtype, one at a time.
+``full=True`` runs every combination instead.
 """
 
 from __future__ import annotations
